@@ -1,0 +1,395 @@
+"""Typed configuration: frozen dataclasses whose defaults are the paper's final GTA→Cityscapes DAFormer setting.
+
+YAML files state only what differs from these defaults; `--set section.key=value` overrides apply last. There is
+no inheritance, no `type:` registry and no interpolation. Unknown keys and wrong types raise `ConfigError` with
+one short message naming the key (and the nearest valid key for typos).
+
+    cfg = load_config("configs/gta2cs.yaml", overrides=["model.backbone=mit_b0"])
+    save_config(cfg, "work_dirs/run/config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DatasetConfig",
+    "KernelConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RCSConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "UDAConfig",
+    "config_to_dict",
+    "load_config",
+    "parse_config",
+    "save_config",
+]
+
+Backbone = Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"]
+Decoder = Literal["daformer_sepaspp", "daformer_conv1", "daformer_aspp", "segformer"]
+DatasetName = Literal["gta", "synthia", "cityscapes", "acdc", "darkzurich", "folder"]
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A bad config file or override. The message is meant to be shown to the user as is."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    backbone: Backbone = "mit_b5"
+    """Mix Transformer size."""
+    decoder: Decoder = "daformer_sepaspp"
+    """DAFormer head with separable ASPP fusion (final), its ablations, or the SegFormer MLP head."""
+    num_classes: int = 19
+    head_channels: int | None = None
+    """Fused/embedding channels of the head; None = 256 for DAFormer heads, SegFormer's own choice otherwise."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth, linspace(0, rate) over all encoder blocks."""
+    dropout: float = 0.1
+    """Dropout2d before the classifier."""
+    pretrained: str | None = "pretrained/mit_b5.pth"
+    """ImageNet encoder weights (SegFormer mit_b*.pth or HF nvidia/mit-b*); None trains from scratch."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    name: DatasetName = "cityscapes"
+    root: str = "data/cityscapes"
+    split: str = "train"
+    """Sub-folder for layouts that have splits (cityscapes/acdc/darkzurich); ignored by gta/synthia."""
+    scale: tuple[int, int] = (1024, 512)
+    """Keep-ratio resize target (long side, short side), mmcv rule."""
+    classes: tuple[str, ...] = CITYSCAPES_CLASSES
+    """Class names (used by `folder` datasets with their own classes, and for reports)."""
+    palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE
+    img_suffix: str | None = None
+    """Image file suffix; None = the layout's default (e.g. `_leftImg8bit.png`)."""
+    label_suffix: str | None = None
+    """Label file suffix; None = the layout's default (e.g. `_gtFine_labelTrainIds.png`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RCSConfig:
+    enabled: bool = True
+    min_pixels: int = 3000
+    """An image is a candidate for class c if it has more than this many pixels of c (original resolution)."""
+    class_temp: float = 0.01
+    """Temperature T in P(c) ∝ exp(-f_c / T); use a large value for uniform class sampling."""
+    min_crop_ratio: float = 0.5
+    """Re-crop (up to 10 times) until the crop has > min_pixels * min_crop_ratio pixels of c."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig(name="gta", root="data/gta", scale=(1280, 720))
+    )
+    target: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="cityscapes", root="data/cityscapes"))
+    val: DatasetConfig = field(
+        default_factory=lambda: DatasetConfig(name="cityscapes", root="data/cityscapes", split="val")
+    )
+    crop: tuple[int, int] = (512, 512)
+    """Training crop (height, width)."""
+    cat_max_ratio: float = 0.75
+    """Source crops only: re-draw crops dominated by one class (target labels are never used)."""
+    flip_prob: float = 0.5
+    batch_size: int = 2
+    """Images per domain per GPU and iteration (2 source + 2 target)."""
+    workers: int = 4
+    loader: Literal["auto", "dali", "torch"] = "auto"
+    """auto = DALI on GPU when installed, the torch DataLoader otherwise."""
+    rcs: RCSConfig = field(default_factory=RCSConfig)
+    strict: bool = False
+    """Stop at the first unreadable sample instead of skipping it with a warning."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UDAConfig:
+    mode: Literal["dacs", "source_only", "target_only"] = "dacs"
+    """dacs = the DAFormer self-training recipe; the other two are the paper's baselines."""
+    alpha: float = 0.999
+    """EMA teacher momentum; the effective value is min(1 - 1/(t+1), alpha)."""
+    pseudo_threshold: float = 0.968
+    """Softmax confidence at or above which a target pixel counts toward the pseudo-label weight."""
+    pseudo_weight_ignore_top: int = 15
+    pseudo_weight_ignore_bottom: int = 120
+    fd_lambda: float = 0.005
+    """ImageNet feature distance weight; 0 disables FD (and the frozen ImageNet encoder)."""
+    fd_classes: tuple[int, ...] | None = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
+    """Thing classes whose cells carry the feature distance; None = all cells (ablation)."""
+    fd_scale_min_ratio: float = 0.75
+    mix: Literal["class"] = "class"
+    blur: bool = True
+    color_jitter_strength: float = 0.2
+    color_jitter_probability: float = 0.2
+    """As in the reference: jitter is applied when U(0,1) > this value, i.e. with probability 0.8."""
+    debug_img_interval: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 6e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    head_lr_mult: float = 10.0
+    norm_decay_mult: float = 0.0
+    """Weight-decay multiplier of every encoder LayerNorm parameter."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    policy: Literal["poly"] = "poly"
+    power: float = 1.0
+    min_lr: float = 0.0
+    warmup: Literal["linear", "none"] = "linear"
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    max_iters: int = 40000
+    log_interval: int = 50
+    eval_interval: int = 4000
+    checkpoint_interval: int = 40000
+    keep_checkpoints: int = 1
+    seed: int = 0
+    work_dir: str = "work_dirs/gta2cs_daformer_mitb5"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    deterministic: bool = False
+    device: str = "auto"
+    """auto = cuda when available, else cpu; or an explicit torch device string."""
+    path: Literal["fast", "reference"] = "fast"
+    """fast = batched, sync-free step; reference = the original's per-sample order."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+    impl: Literal["auto", "reference", "triton"] = "auto"
+    """auto = the fastest available path per op; reference = plain PyTorch everywhere; triton = force kernels."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    uda: UDAConfig = field(default_factory=UDAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.num_classes < 1:
+            raise ConfigError(f"model.num_classes must be >= 1, got {self.model.num_classes}")
+        if len(self.data.val.classes) != self.model.num_classes:
+            raise ConfigError(
+                f"data.val.classes has {len(self.data.val.classes)} names but model.num_classes is "
+                f"{self.model.num_classes}"
+            )
+        for name in ("max_iters", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self.train, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
+        if self.data.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: YAML dict + dotted overrides -> validated dataclass tree.
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, prefix + f.name + ".")
+    return keys
+
+
+def _unknown_key(full_key: str) -> ConfigError:
+    close = difflib.get_close_matches(full_key, _all_keys(Config), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"unknown key {full_key}{hint}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting YAML lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    """A dataclass section from a full dict (used only where no default instance exists to merge onto)."""
+    return _merge(cls(), values, prefix)
+
+
+def _merge(base: Any, delta: dict, prefix: str) -> Any:
+    """Return a copy of dataclass `base` with the (possibly nested) values of `delta` replaced."""
+    hints = typing.get_type_hints(type(base))
+    names = {f.name for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in delta.items():
+        if not isinstance(key, str) or key not in names:
+            raise _unknown_key(prefix + str(key))
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _merge(current, value, prefix + key + ".")
+        else:
+            changes[key] = _convert(value, hints[key], prefix + key)
+    try:
+        return dataclasses.replace(base, **changes)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null", "~"):
+        value = None
+    return key.split("."), value
+
+
+def parse_config(values: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated Config from a dict of deltas plus `key=value` overrides."""
+    values = dict(values or {})
+    cfg = _merge(Config(), values, "")
+    for item in overrides:
+        path, value = _parse_override(item)
+        delta: dict = {}
+        node = delta
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        cfg = _merge(cfg, delta, "")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file of deltas (None = defaults only) and apply `key=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        values = loaded or {}
+    return parse_config(values, overrides)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists for tuples) of a config or any config section."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config; `load_config` of the file gives an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,159 @@
+"""Decoders: the DAFormer head (Hoyer et al., CVPR 2022, Sec. 3.2), its fusion ablations, and the SegFormer MLP head.
+
+DAFormer head: every stage map is embedded to 256 channels by one Linear layer, upsampled to stride 4, concatenated
+(all four levels), and fused by a context-aware ASPP over the concatenation (depthwise-separable 3×3 branches with
+dilations 6/12/18 plus a 1×1 branch, no image pooling), then a 3×3 bottleneck, Dropout2d and a 1×1 classifier.
+Ablations: `daformer_conv1` (a 1×1 ConvModule fusion) and `daformer_aspp` (regular, non-separable dilated convs).
+
+Module and key names follow the official checkpoints (`embed_layers.{i}.proj`, `fuse_layer.aspp_modules...`,
+`fuse_layer.bottleneck`, `conv_seg`; ConvModule = `conv` + `bn`). Every head returns logits at stride 4;
+upsampling to the label size belongs to the consumers (loss, pseudo-labelling, inference).
+
+Legend: B batch, C channels, E embedding channels, K classes, h/w stride-4 size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ConvModule", "DAFormerHead", "SegFormerHead"]
+
+
+class ConvModule(nn.Module):
+    """Conv (no bias) → BatchNorm → ReLU, named `conv` / `bn` as in the official checkpoints."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, *, dilation: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        pad = dilation * (kernel // 2)
+        self.conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.bn(self.conv(x)))
+
+
+class DepthwiseSeparableConvModule(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int) -> None:
+        super().__init__()
+        self.depthwise_conv = ConvModule(cin, cin, kernel, dilation=dilation, groups=cin)
+        self.pointwise_conv = ConvModule(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class MLP(nn.Module):
+    """One Linear layer on the flattened tokens of a feature map (no norm, no activation)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cin, cout)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = x_BChw.shape
+        x = self.proj(x_BChw.flatten(2).transpose(1, 2))
+        return x.transpose(1, 2).reshape(B, -1, h, w)
+
+
+class ASPPWrapper(nn.Module):
+    """ASPP without image pooling: a 1×1 branch + dilated 3×3 branches, concatenated, then a 3×3 bottleneck."""
+
+    def __init__(self, cin: int, cout: int, dilations: tuple[int, ...], separable: bool) -> None:
+        super().__init__()
+        branches: list[nn.Module] = []
+        for d in dilations:
+            if d == 1:
+                branches.append(ConvModule(cin, cout, 1))
+            elif separable:
+                branches.append(DepthwiseSeparableConvModule(cin, cout, 3, d))
+            else:
+                branches.append(ConvModule(cin, cout, 3, dilation=d))
+        self.aspp_modules = nn.ModuleList(branches)
+        self.bottleneck = ConvModule(len(dilations) * cout, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
+
+
+def _init_conv_modules(module: nn.Module) -> None:
+    """mmcv ConvModule init: Kaiming-normal (fan_out, ReLU; groups not divided out), BN weight 1 / bias 0."""
+    for m in module.modules():
+        if isinstance(m, ConvModule):
+            nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.ones_(m.bn.weight)
+            nn.init.zeros_(m.bn.bias)
+
+
+class DAFormerHead(nn.Module):
+    def __init__(
+        self,
+        in_channels: tuple[int, ...],
+        num_classes: int,
+        channels: int = 256,
+        fusion: str = "sepaspp",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.embed_layers = nn.ModuleList([MLP(c, channels) for c in in_channels])
+        cat = channels * len(in_channels)
+        if fusion == "sepaspp":
+            self.fuse_layer: nn.Module = ASPPWrapper(cat, channels, (1, 6, 12, 18), separable=True)
+        elif fusion == "aspp":
+            self.fuse_layer = ASPPWrapper(cat, channels, (1, 6, 12, 18), separable=False)
+        elif fusion == "conv1":
+            self.fuse_layer = ConvModule(cat, channels, 1)
+        else:
+            raise ValueError(f"unknown DAFormer fusion {fusion!r}; expected sepaspp, aspp or conv1")
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # Embedding Linear layers keep PyTorch's default init (as the original); the classifier is N(0, 0.01).
+        _init_conv_modules(self)
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        embeds = []
+        for i, (x, embed) in enumerate(zip(feats, self.embed_layers)):
+            e = embed(x)
+            if i > 0 and e.shape[-2:] != size:
+                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+            embeds.append(e)
+        x = self.fuse_layer(torch.cat(embeds, dim=1))
+        return self.conv_seg(self.dropout(x))
+
+
+class SegFormerHead(nn.Module):
+    """SegFormer's all-MLP decoder: embed each level, upsample to stride 4, concat [c4, c3, c2, c1], 1×1 fuse."""
+
+    def __init__(self, in_channels: tuple[int, ...], num_classes: int, channels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        for i, c in enumerate(in_channels):
+            setattr(self, f"linear_c{i + 1}", MLP(c, channels))
+        self.num_levels = len(in_channels)
+        self.linear_fuse = ConvModule(channels * len(in_channels), channels, 1)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.linear_pred = nn.Conv2d(channels, num_classes, 1)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        _init_conv_modules(self)
+        nn.init.normal_(self.linear_pred.weight, 0.0, 0.01)
+        nn.init.zeros_(self.linear_pred.bias)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        embeds = []
+        for i in reversed(range(self.num_levels)):  # SegFormer concatenates the deepest level first
+            e = getattr(self, f"linear_c{i + 1}")(feats[i])
+            if e.shape[-2:] != size:
+                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+            embeds.append(e)
+        return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(embeds, dim=1))))
+

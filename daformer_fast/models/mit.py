@@ -1,0 +1,225 @@
+"""Mix Transformer (MiT-B0..B5), the SegFormer encoder used by DAFormer.
+
+Architecture of Xie et al., "SegFormer" (NeurIPS 2021), as used by DAFormer (Hoyer et al., CVPR 2022), written from
+the specification. State-dict keys equal those of SegFormer's released `mit_b*.pth` files (minus the ImageNet
+`head.*`), so those files load with `strict=True` after dropping `head.*`. The released weights carry NVIDIA's
+non-commercial licence; this code does not.
+
+Two details matter when loading the original weights: LayerNorm eps is 1e-6 in the blocks and stage norms but the
+torch default 1e-5 in the patch embeddings and the spatial-reduction norm; GELU is the exact (erf) form.
+
+Legend: B batch, C channels, h/w feature map size, N = h·w tokens, L key/value tokens, M heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from daformer_fast.ops import attention
+from daformer_fast.ops._dispatch import Impl
+
+__all__ = ["MIT_SIZES", "MixVisionTransformer", "MitSpec", "mit", "checkpoint_filter_fn"]
+
+
+@dataclass(frozen=True)
+class MitSpec:
+    embed_dims: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+    num_heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
+    mlp_ratio: int = 4
+
+
+_WIDE = (64, 128, 320, 512)
+MIT_SIZES: dict[str, MitSpec] = {
+    "b0": MitSpec((32, 64, 160, 256), (2, 2, 2, 2)),
+    "b1": MitSpec(_WIDE, (2, 2, 2, 2)),
+    "b2": MitSpec(_WIDE, (3, 4, 6, 3)),
+    "b3": MitSpec(_WIDE, (3, 4, 18, 3)),
+    "b4": MitSpec(_WIDE, (3, 8, 27, 3)),
+    "b5": MitSpec(_WIDE, (3, 6, 40, 3)),
+}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, scale survivors by 1/keep (timm semantics)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with overlapping windows, then tokens + LayerNorm (eps 1e-5)."""
+
+    def __init__(self, in_chans: int, dim: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride, padding=kernel // 2)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x_BCHW)
+        h, w = x.shape[-2:]
+        return self.norm(x.flatten(2).transpose(1, 2)), h, w
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a R×R strided-conv reduction of the tokens."""
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, impl: Impl | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.impl = impl
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim)  # eps 1e-5, unlike the block norms
+
+    def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        B, N, C = x_BNC.shape
+        M, D = self.num_heads, C // self.num_heads
+        q_BMND = self.q(x_BNC).reshape(B, N, M, D).transpose(1, 2)
+        if self.sr_ratio > 1:
+            x_BChw = x_BNC.transpose(1, 2).reshape(B, C, h, w)
+            kv_in_BLC = self.norm(self.sr(x_BChw).flatten(2).transpose(1, 2))
+        else:
+            kv_in_BLC = x_BNC
+        # kv output is [k | v] along channels, each split into heads.
+        kv = self.kv(kv_in_BLC).reshape(B, -1, 2, M, D).permute(2, 0, 3, 1, 4)
+        out_BMND = attention(q_BMND, kv[0], kv[1], self.scale, impl=self.impl)
+        return self.proj(out_BMND.transpose(1, 2).reshape(B, N, C))
+
+
+class DWConv(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        B, N, C = x_BNC.shape
+        x = self.dwconv(x_BNC.transpose(1, 2).reshape(B, C, h, w))
+        return x.flatten(2).transpose(1, 2)
+
+
+class MixFFN(nn.Module):
+    """fc1 → depthwise 3×3 conv on the token grid → exact GELU → fc2."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = DWConv(hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return self.fc2(self.act(self.dwconv(self.fc1(x_BNC), h, w)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, sr_ratio: int, drop_path: float, impl: Impl | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, impl)
+        # Rate 0 (the very first block) is an identity, as in the original.
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, dim * mlp_ratio)
+
+    def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), h, w))
+        return x_BNC + self.drop_path(self.mlp(self.norm2(x_BNC), h, w))
+
+
+class MixVisionTransformer(nn.Module):
+    """Four stages of (overlapping patch embed → blocks → LayerNorm); `forward` returns the 4 NCHW stage maps."""
+
+    def __init__(self, spec: MitSpec, in_chans: int = 3, drop_path_rate: float = 0.1, impl: Impl | None = None):
+        super().__init__()
+        self.spec = spec
+        self.embed_dims = spec.embed_dims
+        rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()
+        cur = 0
+        for i in range(4):
+            dim = spec.embed_dims[i]
+            kernel, stride = (7, 4) if i == 0 else (3, 2)
+            prev = in_chans if i == 0 else spec.embed_dims[i - 1]
+            setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(prev, dim, kernel, stride))
+            blocks = [
+                Block(dim, spec.num_heads[i], spec.mlp_ratio, spec.sr_ratios[i], rates[cur + j], impl)
+                for j in range(spec.depths[i])
+            ]
+            setattr(self, f"block{i + 1}", nn.ModuleList(blocks))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(dim, eps=1e-6))
+            cur += spec.depths[i]
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """From-scratch init of the original: trunc-normal(0.02) Linear, LN 1/0, conv N(0, sqrt(2/fan_out))."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x_B3HW: torch.Tensor) -> list[torch.Tensor]:
+        outs = []
+        x = x_B3HW
+        for i in range(1, 5):
+            x_BNC, h, w = getattr(self, f"patch_embed{i}")(x)
+            for blk in getattr(self, f"block{i}"):
+                x_BNC = blk(x_BNC, h, w)
+            x_BNC = getattr(self, f"norm{i}")(x_BNC)
+            x = x_BNC.transpose(1, 2).reshape(x_BNC.shape[0], -1, h, w)
+            outs.append(x)
+        return outs
+
+
+def mit(size: str, *, drop_path_rate: float = 0.1, impl: Impl | None = None) -> MixVisionTransformer:
+    """MiT encoder of the given size: "b0".."b5" (or "mit_b0".."mit_b5")."""
+    key = size.removeprefix("mit_")
+    if key not in MIT_SIZES:
+        raise ValueError(f"unknown MiT size {size!r}; expected one of {', '.join('mit_' + k for k in MIT_SIZES)}")
+    return MixVisionTransformer(MIT_SIZES[key], drop_path_rate=drop_path_rate, impl=impl)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SegFormer `mit_b*.pth` → encoder state dict: the keys already match; drop the ImageNet classifier."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+
+
+def _feature_shapes(size: str, h: int, w: int) -> list[tuple[int, int, int]]:
+    """(C, h, w) of the four stage outputs for an input of h×w (conv arithmetic of the patch embeddings)."""
+    spec = MIT_SIZES[size.removeprefix("mit_")]
+    shapes = []
+    for i, c in enumerate(spec.embed_dims):
+        k, s = (7, 4) if i == 0 else (3, 2)
+        h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
+        shapes.append((c, h, w))
+    return shapes
+

@@ -1,0 +1,94 @@
+"""Encoder-decoder segmentor, its builder from `ModelConfig`, and the optimizer parameter groups.
+
+    model = build_segmentor(cfg.model)          # .backbone (MiT), .decode_head
+    logits_BKhw = model(x_B3HW)                 # stride 4
+    probs = model.predict(x_B3HW, out_size)     # two-step bilinear upsample for evaluation
+
+Legend: B batch, K classes, H/W input size, h/w stride-4 size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from daformer_fast.config import ModelConfig, OptimConfig
+from daformer_fast.models.heads import DAFormerHead, SegFormerHead
+from daformer_fast.models.mit import MixVisionTransformer, mit
+from daformer_fast.ops._dispatch import Impl
+
+__all__ = ["Segmentor", "build_segmentor", "param_groups"]
+
+
+class Segmentor(nn.Module):
+    def __init__(self, backbone: MixVisionTransformer, decode_head: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.num_classes = num_classes
+
+    def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
+        """Logits at stride 4."""
+        return self.decode_head(self.backbone(x_B3HW))
+
+    def forward_with_features(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits at stride 4 and the four encoder maps (the feature distance reuses the last one)."""
+        feats = self.backbone(x_B3HW)
+        return self.decode_head(feats), feats
+
+    @torch.no_grad()
+    def predict(self, x_B3HW: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Whole-image inference as the reference evaluates: logits upsampled bilinearly to the network input,
+        then (if `out_size` differs) to `out_size`; returns logits (B, K, *out_size)."""
+        logits = F.interpolate(self(x_B3HW), size=x_B3HW.shape[-2:], mode="bilinear", align_corners=False)
+        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+
+def build_segmentor(cfg: ModelConfig, impl: Impl | None = None) -> Segmentor:
+    """MiT encoder + the configured decoder, randomly initialised (pretrained weights: `checkpoint.load_weights`)."""
+    backbone = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate, impl=impl)
+    dims = backbone.embed_dims
+    match cfg.decoder:
+        case "daformer_sepaspp" | "daformer_aspp" | "daformer_conv1":
+            fusion = cfg.decoder.removeprefix("daformer_")
+            head: nn.Module = DAFormerHead(dims, cfg.num_classes, cfg.head_channels or 256, fusion, cfg.dropout)
+        case "segformer":
+            # SegFormer's own decoder width: 256 for B0/B1, 768 for B2..B5.
+            default = 256 if cfg.backbone in ("mit_b0", "mit_b1") else 768
+            head = SegFormerHead(dims, cfg.num_classes, cfg.head_channels or default, cfg.dropout)
+        case _:
+            raise ValueError(f"unknown decoder {cfg.decoder!r}")
+    return Segmentor(backbone, head, cfg.num_classes)
+
+
+def param_groups(model: Segmentor, cfg: OptimConfig) -> list[dict]:
+    """AdamW parameter groups of the reference (mmcv 1.3.7 paramwise rules with DAFormer's custom keys):
+
+    - every decode-head parameter (BN affine and biases included): lr × head_lr_mult, weight decay;
+    - every encoder LayerNorm parameter: base lr, weight decay × norm_decay_mult (0);
+    - everything else in the encoder (weights and biases): base lr, weight decay.
+
+    The reference matches substrings `head` then `norm` of the dotted name; on this model that is exactly
+    "under decode_head" and "a LayerNorm of the encoder" (tested). Each group carries `name` and `initial_lr`,
+    which the LR schedule scales.
+    """
+    head_ids = {id(p) for p in model.decode_head.parameters()}
+    norm_ids = {id(p) for m in model.backbone.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    groups: dict[str, dict] = {
+        "backbone": {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        "backbone_norm": {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay * cfg.norm_decay_mult},
+        "head": {"params": [], "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay},
+    }
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        name = "head" if id(p) in head_ids else "backbone_norm" if id(p) in norm_ids else "backbone"
+        groups[name]["params"].append(p)
+    out = []
+    for name, g in groups.items():
+        if g["params"]:
+            out.append({"name": name, "initial_lr": g["lr"], **g})
+    return out

@@ -1,0 +1,9 @@
+"""Public ops: each has a plain PyTorch reference and dispatches to fast paths through `_dispatch.choose_impl`.
+
+Importing this package never imports Triton.
+"""
+
+from daformer_fast.ops._dispatch import choose_impl, default_impl, set_default_impl
+from daformer_fast.ops.attention import attention, attention_ref
+
+__all__ = ["attention", "attention_ref", "choose_impl", "default_impl", "set_default_impl"]

@@ -1,0 +1,80 @@
+"""The one dispatch point between reference (plain PyTorch) and fast implementations of an op.
+
+`choose_impl(op, impl, reasons)` returns the implementation to run:
+- "reference" forces the plain PyTorch definition (the definition of correctness);
+- "triton" forces the kernel and raises `ValueError` listing why it cannot run when `reasons` is non-empty;
+- "auto" picks the kernel when it has no rejection reasons, Triton imports and the global switch is on; otherwise
+  the op's best non-Triton path. Each decision is logged once per (op, choice, reasons).
+
+The global switch: `DAFORMER_FAST_KERNELS=0` in the environment (read at import) or `set_default_impl()` from the
+config's `kernels.impl`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Literal
+
+Impl = Literal["auto", "reference", "triton"]
+
+log = logging.getLogger("daformer_fast.ops")
+
+_KERNELS_ENABLED = os.environ.get("DAFORMER_FAST_KERNELS", "1") not in ("0", "false", "False", "off")
+_default_impl: Impl = "auto"
+_logged: set[tuple] = set()
+
+
+def set_default_impl(impl: Impl) -> None:
+    """Set the process-wide implementation used when an op is called with impl=None (from `kernels.impl`)."""
+    global _default_impl
+    if impl not in ("auto", "reference", "triton"):
+        raise ValueError(f"kernels.impl must be auto, reference or triton; got {impl!r}")
+    _default_impl = impl
+
+
+def default_impl() -> Impl:
+    return _default_impl
+
+
+@functools.cache
+def triton_available() -> tuple[bool, str]:
+    """Whether Triton kernels can launch here, and why not."""
+    if not _KERNELS_ENABLED:
+        return False, "DAFORMER_FAST_KERNELS=0"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising at import
+        return False, f"triton not importable ({type(e).__name__})"
+    return True, ""
+
+
+def _log_once(op: str, choice: str, reasons: tuple[str, ...]) -> None:
+    key = (op, choice, reasons)
+    if key not in _logged:
+        _logged.add(key)
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        log.info("%s: using %s%s", op, choice, why)
+
+
+def choose_impl(op: str, impl: Impl | None, reasons: list[str] | tuple[str, ...] = ()) -> Literal["reference", "triton"]:
+    """Resolve `impl` for one call of `op`; `reasons` are static reasons the Triton path cannot take the inputs."""
+    impl = impl or _default_impl
+    reasons = tuple(reasons)
+    if impl == "reference":
+        _log_once(op, "reference", ("forced",))
+        return "reference"
+    ok, why = triton_available()
+    if impl == "triton":
+        if reasons or not ok:
+            raise ValueError(f"{op}: triton implementation cannot run: {'; '.join(reasons + ((why,) if why else ()))}")
+        _log_once(op, "triton", ())
+        return "triton"
+    if impl != "auto":
+        raise ValueError(f"{op}: impl must be auto, reference or triton; got {impl!r}")
+    if reasons or not ok:
+        _log_once(op, "reference", reasons + ((why,) if why else ()))
+        return "reference"
+    _log_once(op, "triton", ())
+    return "triton"
