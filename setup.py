@@ -38,7 +38,6 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "daformer-train=daformer_fast.train:main",
             "daformer-evaluate=daformer_fast.evaluate:main",
             "daformer-predict=daformer_fast.predict:main",
         ]

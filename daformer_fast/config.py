@@ -82,9 +82,6 @@ class DatasetConfig:
     """Sub-folder for layouts that have splits (cityscapes/acdc/darkzurich); ignored by gta/synthia."""
     scale: tuple[int, int] = (1024, 512)
     """Keep-ratio resize target (long side, short side), mmcv rule."""
-    classes: tuple[str, ...] = CITYSCAPES_CLASSES
-    """Class names (used by `folder` datasets with their own classes, and for reports)."""
-    palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE
     img_suffix: str | None = None
     """Image file suffix; None = the layout's default (e.g. `_leftImg8bit.png`)."""
     label_suffix: str | None = None
@@ -111,6 +108,10 @@ class DataConfig:
     val: DatasetConfig = field(
         default_factory=lambda: DatasetConfig(name="cityscapes", root="data/cityscapes", split="val")
     )
+    classes: tuple[str, ...] = CITYSCAPES_CLASSES
+    """Class names in train-id order, shared by all three datasets (custom datasets list their own)."""
+    palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE
+    """RGB colour per class for predictions and debug images."""
     crop: tuple[int, int] = (512, 512)
     """Training crop (height, width)."""
     cat_max_ratio: float = 0.75
@@ -207,11 +208,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.model.num_classes < 1:
             raise ConfigError(f"model.num_classes must be >= 1, got {self.model.num_classes}")
-        if len(self.data.val.classes) != self.model.num_classes:
+        if len(self.data.classes) != self.model.num_classes:
             raise ConfigError(
-                f"data.val.classes has {len(self.data.val.classes)} names but model.num_classes is "
-                f"{self.model.num_classes}"
+                f"data.classes has {len(self.data.classes)} names but model.num_classes is {self.model.num_classes}"
             )
+        if len(self.data.palette) != len(self.data.classes):
+            raise ConfigError(f"data.palette has {len(self.data.palette)} colours for {len(self.data.classes)} classes")
         for name in ("max_iters", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
@@ -288,6 +290,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads exponents without a dot ("1e-4") as strings; accept them as numbers.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
         return float(value)

@@ -1,0 +1,202 @@
+"""MiT + heads against the spec's key table, parameter counts, shapes, init, param groups, attention switch."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from daformer_fast.config import ModelConfig, OptimConfig
+from daformer_fast.models import MIT_SIZES, build_segmentor, mit, param_groups
+from daformer_fast.models.mit import DropPath, _feature_shapes, checkpoint_filter_fn
+from daformer_fast.ops import attention, attention_ref
+
+
+@pytest.fixture(scope="module")
+def b5():
+    return mit("b5")
+
+
+@pytest.fixture(scope="module")
+def daformer_b5():
+    return build_segmentor(ModelConfig())
+
+
+def test_mit_b5_counts_match_spec(b5):
+    sd = b5.state_dict()
+    assert sum(p.numel() for p in b5.parameters()) == 81_443_008
+    assert len(sd) == 1052
+
+
+def test_mit_b5_key_table(b5):
+    sd = b5.state_dict()
+    C = (64, 128, 320, 512)
+    assert sd["patch_embed1.proj.weight"].shape == (64, 3, 7, 7)
+    assert sd["patch_embed2.proj.weight"].shape == (128, 64, 3, 3)
+    assert sd["patch_embed3.proj.weight"].shape == (320, 128, 3, 3)
+    assert sd["patch_embed4.proj.weight"].shape == (512, 320, 3, 3)
+    for i, (c, depth, r) in enumerate(zip(C, (3, 6, 40, 3), (8, 4, 2, 1)), start=1):
+        assert sd[f"patch_embed{i}.norm.weight"].shape == (c,)
+        assert sd[f"norm{i}.bias"].shape == (c,)
+        assert f"block{i}.{depth - 1}.mlp.fc2.weight" in sd and f"block{i}.{depth}.mlp.fc2.weight" not in sd
+        p = f"block{i}.0."
+        assert sd[p + "attn.q.weight"].shape == (c, c) and sd[p + "attn.q.bias"].shape == (c,)
+        assert sd[p + "attn.kv.weight"].shape == (2 * c, c) and sd[p + "attn.kv.bias"].shape == (2 * c,)
+        assert sd[p + "attn.proj.weight"].shape == (c, c)
+        assert sd[p + "mlp.fc1.weight"].shape == (4 * c, c)
+        assert sd[p + "mlp.dwconv.dwconv.weight"].shape == (4 * c, 1, 3, 3)
+        assert sd[p + "mlp.fc2.weight"].shape == (c, 4 * c)
+        assert sd[p + "norm1.weight"].shape == (c,) and sd[p + "norm2.bias"].shape == (c,)
+        if r > 1:
+            assert sd[p + "attn.sr.weight"].shape == (c, c, r, r) and sd[p + "attn.norm.weight"].shape == (c,)
+        else:
+            assert p + "attn.sr.weight" not in sd and p + "attn.norm.weight" not in sd
+    pattern = re.compile(
+        r"(patch_embed[1-4]\.(proj|norm)|norm[1-4]|block[1-4]\.\d+\."
+        r"(norm1|norm2|attn\.(q|kv|proj|sr|norm)|mlp\.(fc1|fc2|dwconv\.dwconv)))\.(weight|bias)"
+    )
+    assert all(pattern.fullmatch(k) for k in sd), [k for k in sd if not pattern.fullmatch(k)][:5]
+
+
+def test_layernorm_eps_gelu_and_drop_path(b5):
+    assert b5.patch_embed1.norm.eps == 1e-5 and b5.block1[0].attn.norm.eps == 1e-5
+    assert b5.block3[7].norm1.eps == 1e-6 and b5.block3[7].norm2.eps == 1e-6 and b5.norm4.eps == 1e-6
+    assert b5.block1[0].mlp.act.approximate == "none"
+    blocks = [blk for i in range(1, 5) for blk in getattr(b5, f"block{i}")]
+    assert len(blocks) == 52
+    assert isinstance(blocks[0].drop_path, nn.Identity)
+    rates = [0.0] + [blk.drop_path.p for blk in blocks[1:]]
+    assert rates == pytest.approx([0.1 * i / 51 for i in range(52)], abs=1e-7)
+
+
+def test_daformer_head_keys_and_counts(daformer_b5):
+    sd = daformer_b5.decode_head.state_dict()
+    assert sum(p.numel() for p in daformer_b5.decode_head.parameters()) == 3_712_275
+    assert sum(p.numel() for p in daformer_b5.parameters()) == 85_155_283
+    assert sd["conv_seg.weight"].shape == (19, 256, 1, 1)
+    for i, c in enumerate((64, 128, 320, 512)):
+        assert sd[f"embed_layers.{i}.proj.weight"].shape == (256, c)
+    assert sd["fuse_layer.aspp_modules.0.conv.weight"].shape == (256, 1024, 1, 1)
+    for j in (1, 2, 3):
+        assert sd[f"fuse_layer.aspp_modules.{j}.depthwise_conv.conv.weight"].shape == (1024, 1, 3, 3)
+        assert sd[f"fuse_layer.aspp_modules.{j}.depthwise_conv.bn.running_var"].shape == (1024,)
+        assert sd[f"fuse_layer.aspp_modules.{j}.pointwise_conv.conv.weight"].shape == (256, 1024, 1, 1)
+        d = daformer_b5.decode_head.fuse_layer.aspp_modules[j].depthwise_conv.conv.dilation
+        assert d == ((6, 6), (12, 12), (18, 18))[j - 1]
+    assert sd["fuse_layer.bottleneck.conv.weight"].shape == (256, 1024, 3, 3)
+    assert "fuse_layer.bottleneck.bn.num_batches_tracked" in sd
+    assert not any(k.endswith("conv.bias") for k in sd if k.startswith("fuse_layer"))  # ConvModules have no bias
+    assert isinstance(daformer_b5.decode_head.dropout, nn.Dropout2d) and daformer_b5.decode_head.dropout.p == 0.1
+
+
+def test_head_init(daformer_b5):
+    head = daformer_b5.decode_head
+    w = head.conv_seg.weight
+    assert head.conv_seg.bias.abs().max() == 0
+    assert 0.008 < w.std().item() < 0.012
+    conv = head.fuse_layer.bottleneck.conv.weight  # kaiming fan_out: std = sqrt(2 / (256*3*3))
+    assert conv.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+    assert torch.all(head.fuse_layer.bottleneck.bn.weight == 1)
+
+
+@pytest.mark.parametrize("size", list(MIT_SIZES))
+def test_each_size_builds_with_spec_dims(size):
+    model = mit(size)
+    spec = MIT_SIZES[size]
+    for i in range(4):
+        assert len(getattr(model, f"block{i + 1}")) == spec.depths[i]
+        assert getattr(model, f"norm{i + 1}").normalized_shape == (spec.embed_dims[i],)
+
+
+def test_forward_shapes_b0_odd_size():
+    model = mit("b0").eval()
+    x = torch.randn(1, 3, 70, 50)
+    outs = model(x)
+    assert [tuple(o.shape[1:]) for o in outs] == _feature_shapes("b0", 70, 50)
+    assert [tuple(o.shape[1:]) for o in model(torch.randn(1, 3, 64, 64))] == [
+        (32, 16, 16), (64, 8, 8), (160, 4, 4), (256, 2, 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("decoder", ["daformer_sepaspp", "daformer_conv1", "daformer_aspp", "segformer"])
+def test_segmentor_logits_at_stride_4(decoder):
+    model = build_segmentor(ModelConfig(backbone="mit_b0", decoder=decoder, num_classes=7), impl="reference")
+    model.eval()
+    x = torch.randn(2, 3, 64, 96)
+    logits = model(x)
+    assert logits.shape == (2, 7, 16, 24)
+    full = model.predict(x, out_size=(128, 192))
+    assert full.shape == (2, 7, 128, 192)
+
+
+def test_segformer_head_width_and_keys():
+    m = build_segmentor(ModelConfig(backbone="mit_b2", decoder="segformer"))
+    sd = m.decode_head.state_dict()
+    assert sd["linear_c4.proj.weight"].shape == (768, 512)
+    assert sd["linear_fuse.conv.weight"].shape == (768, 3072, 1, 1)
+    assert sd["linear_pred.weight"].shape == (19, 768, 1, 1)
+    m0 = build_segmentor(ModelConfig(backbone="mit_b0", decoder="segformer"))
+    assert m0.decode_head.linear_fuse.conv.weight.shape == (256, 1024, 1, 1)
+
+
+def test_param_groups_match_the_reference_substring_rule():
+    model = build_segmentor(ModelConfig(backbone="mit_b1"))
+    groups = param_groups(model, OptimConfig())
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["head"]["lr"] == pytest.approx(6e-4) and by_name["head"]["weight_decay"] == 0.01
+    assert by_name["backbone"]["lr"] == 6e-5 and by_name["backbone"]["weight_decay"] == 0.01
+    assert by_name["backbone_norm"]["lr"] == 6e-5 and by_name["backbone_norm"]["weight_decay"] == 0.0
+    # Reference rule (mmcv): first matching substring of the full name among pos_block, head, norm.
+    expected = {"head": 0, "backbone_norm": 0, "backbone": 0}
+    for name, p in model.named_parameters():
+        key = "head" if "head" in name else "backbone_norm" if "norm" in name else "backbone"
+        expected[key] += p.numel()
+    got = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+    assert got == expected
+    # MiT-b1: 4 stages × (patch norm + stage norm) + 2 blocks × (norm1, norm2 + attn.norm where sr>1), × 2 tensors.
+    n_norm_tensors = sum(len(g["params"]) for g in groups if g["name"] == "backbone_norm")
+    assert n_norm_tensors == 2 * (4 * 2 + 2 * (2 + 1) * 3 + 2 * 2)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # Biases of the encoder's Linear/conv layers keep weight decay, as in the reference.
+    bias_ids = {id(model.backbone.block1[0].attn.q.bias), id(model.backbone.patch_embed1.proj.bias)}
+    assert bias_ids <= {id(p) for p in by_name["backbone"]["params"]}
+
+
+def test_attention_reference_equals_sdpa():
+    q, k, v = torch.randn(2, 5, 37, 64), torch.randn(2, 5, 9, 64), torch.randn(2, 5, 9, 64)
+    ref = attention_ref(q, k, v, 0.125)
+    manual = torch.softmax(torch.einsum("bmnd,bmld->bmnl", q, k) * 0.125, -1) @ v
+    torch.testing.assert_close(ref, manual, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, 0.125, impl="auto"), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_model_reference_and_fast_attention_agree():
+    torch.manual_seed(1)
+    fast = mit("b0", impl="auto").eval()
+    ref = mit("b0", impl="reference").eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(fast(x), ref(x)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_drop_path_train_and_eval():
+    dp = DropPath(0.5)
+    x = torch.ones(1000, 4)
+    dp.train()
+    y = dp(x)
+    kept = (y[:, 0] != 0).float()
+    assert torch.all((y == 0) | (y == 2.0))  # survivors scaled by 1/keep
+    assert torch.all(y == y[:, :1])  # one decision per sample
+    assert 0.4 < kept.mean().item() < 0.6
+    dp.eval()
+    assert torch.equal(dp(x), x)
+
+
+def test_checkpoint_filter_drops_imagenet_head():
+    sd = {"head.weight": torch.zeros(1000, 512), "block1.0.attn.q.weight": torch.zeros(2, 2)}
+    assert list(checkpoint_filter_fn(sd)) == ["block1.0.attn.q.weight"]
+
+
+def test_unknown_size_error():
+    with pytest.raises(ValueError, match="unknown MiT size 'b7'"):
+        mit("b7")
