@@ -1,0 +1,83 @@
+"""Dispatch point: forced paths, the environment kill switch, rejection reasons; package layout of kernels/."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from daformer_fast.ops import _dispatch, attention
+from daformer_fast.ops._dispatch import choose_impl, set_default_impl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_forced_reference_and_rejection_reasons(caplog):
+    assert choose_impl("demo_op", "reference") == "reference"
+    assert choose_impl("demo_op", "auto", ["K > 32"]) == "reference"
+    with pytest.raises(ValueError, match="demo_op: triton implementation cannot run: K > 32"):
+        choose_impl("demo_op", "triton", ["K > 32"])
+    with pytest.raises(ValueError, match="impl must be"):
+        choose_impl("demo_op", "fastest")
+
+
+def test_auto_uses_triton_only_when_available(monkeypatch):
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: (False, "DAFORMER_FAST_KERNELS=0"))
+    assert choose_impl("demo_op2", "auto") == "reference"
+    with pytest.raises(ValueError, match="DAFORMER_FAST_KERNELS=0"):
+        choose_impl("demo_op2", "triton")
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: (True, ""))
+    assert choose_impl("demo_op2", "auto") == "triton"
+
+
+def test_fallback_logged_once_with_reason(caplog):
+    caplog.set_level("INFO", logger="daformer_fast.ops")
+    for _ in range(3):
+        choose_impl("demo_op3", "auto", ["unsupported dtype torch.float64"])
+    msgs = [r.getMessage() for r in caplog.records if "demo_op3" in r.getMessage()]
+    assert msgs == ["demo_op3: using reference (unsupported dtype torch.float64)"]
+
+
+def test_env_switch_disables_kernels():
+    code = (
+        "from daformer_fast.ops._dispatch import triton_available, choose_impl; "
+        "print(triton_available()[1], choose_impl('x', 'auto'))"
+    )
+    env = dict(os.environ, DAFORMER_FAST_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "DAFORMER_FAST_KERNELS=0 reference"
+
+
+def test_default_impl_from_config_routes_attention(monkeypatch):
+    calls = []
+    module = sys.modules["daformer_fast.ops.attention"]  # the package re-exports a function of the same name
+    monkeypatch.setattr(module, "attention_ref", lambda *a: calls.append(1) or a[0])
+    q = torch.randn(1, 1, 4, 8)
+    try:
+        set_default_impl("reference")
+        attention(q, q, q, 1.0)
+        assert calls == [1]
+        set_default_impl("auto")
+        attention(q, q, q, 1.0)
+        assert calls == [1]
+    finally:
+        set_default_impl("auto")
+    with pytest.raises(ValueError, match="kernels.impl"):
+        set_default_impl("cuda")
+
+
+def test_kernels_folder_imports_as_package_member():
+    # Run outside the repository so that only the installed mapping can resolve the import.
+    code = "import daformer_fast.kernels as k, importlib.util as u; print(k.__file__); print(u.find_spec('kernels'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, check=True).stdout
+    path, spec = out.strip().splitlines()
+    assert Path(path).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    assert spec == "None"  # no top-level module named plain `kernels` is installed
+
+
+def test_importing_ops_does_not_import_triton():
+    code = "import sys, daformer_fast.ops, daformer_fast.models; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
