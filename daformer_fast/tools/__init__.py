@@ -1,0 +1,1 @@
+"""Command-line tools: dataset conversion, the synthetic benchmark, the pre-resized cache."""

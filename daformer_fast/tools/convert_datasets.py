@@ -1,0 +1,214 @@
+"""Convert raw dataset labels to train ids and write the rare-class-sampling statistics (recipe §3.3).
+
+    python -m daformer_fast.tools.convert_datasets gta ROOT [--nproc N]
+    python -m daformer_fast.tools.convert_datasets synthia ROOT [--nproc N]
+    python -m daformer_fast.tools.convert_datasets cityscapes ROOT [--nproc N]
+    python -m daformer_fast.tools.convert_datasets folder ROOT --num-classes K [--split train]
+
+gta:        labels/*.png are palette PNGs whose *indices* are Cityscapes label ids (never read the colours);
+            writes labels/<stem>_labelTrainIds.png.
+synthia:    GT/LABELS/*.png are 16-bit multi-channel PNGs; the class id is the file's first channel;
+            writes GT/LABELS/<stem>_labelTrainIds.png.
+cityscapes: gtFine/<split>/<city>/*_gtFine_labelIds.png → *_gtFine_labelTrainIds.png (all splits); statistics
+            from the train split only.
+folder:     custom datasets whose labels are already train ids (0..K-1, 255 = ignore); statistics only.
+
+All write into ROOT: `sample_class_stats.json` (a list of {"<trainId>": pixels, ..., "file": label path}),
+`sample_class_stats_dict.json` ({label path: {"<trainId>": pixels}}) and `samples_with_class.json`
+({"<trainId>": [[label path, pixels], ...]}). Counts are at the label's original resolution; only classes present
+are listed; 255 is never counted. Paths are relative to ROOT (sampling matches them by file name only).
+Re-running is idempotent: existing train-id files are kept and only re-read for the statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+__all__ = [
+    "CITYSCAPES_ID_TO_TRAINID",
+    "SYNTHIA_ID_TO_TRAINID",
+    "class_stats",
+    "convert",
+    "main",
+    "write_stats",
+]
+
+# Cityscapes label id → train id (cityscapesscripts' table); every other id is ignored (255).
+CITYSCAPES_ID_TO_TRAINID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
+    28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+# SYNTHIA-RAND-CITYSCAPES class id → train id (terrain, truck and train do not occur in Synthia).
+SYNTHIA_ID_TO_TRAINID = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15,
+    20: 16, 12: 17, 11: 18,
+}  # fmt: skip
+
+
+def _lut(mapping: dict[int, int], size: int = 65536) -> np.ndarray:
+    lut = np.full(size, 255, dtype=np.uint8)
+    for src, dst in mapping.items():
+        lut[src] = dst
+    return lut
+
+
+def class_stats(label_trainids: np.ndarray, num_classes: int) -> dict[str, int]:
+    """{"<trainId>": pixel count} of the classes present (255 and out-of-range values are not counted)."""
+    counts = np.bincount(label_trainids.ravel(), minlength=256)[:num_classes]
+    return {str(c): int(n) for c, n in enumerate(counts) if n > 0}
+
+
+def _read_ids_gta(path: Path) -> np.ndarray:
+    img = Image.open(path)
+    if img.mode not in ("P", "L", "I", "I;16"):
+        raise ValueError(f"{path}: expected a palette or grayscale label PNG of label ids, got mode {img.mode}")
+    return np.asarray(img, dtype=np.int64)  # palette PNGs give their indices, which are the label ids
+
+
+def _read_ids_synthia(path: Path) -> np.ndarray:
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"{path}: unreadable label file")
+    # OpenCV returns BGR(A) order: the file's first (R) channel is the last colour channel here.
+    return (arr[..., 2] if arr.ndim == 3 else arr).astype(np.int64)
+
+
+def _read_ids_plain(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int64)
+
+
+def _convert_one(
+    src: Path, dst: Path, read_ids: Callable[[Path], np.ndarray] | None, lut: np.ndarray | None, num_classes: int
+) -> tuple[str, dict[str, int]]:
+    if read_ids is None or dst.exists():
+        # Idempotent: a finished file is only re-read for its statistics.
+        trainids = np.asarray(Image.open(dst))
+    else:
+        ids = read_ids(src)
+        trainids = lut[np.clip(ids, 0, len(lut) - 1)]
+        tmp = dst.with_name(dst.name + ".tmp.png")
+        Image.fromarray(trainids, mode="L").save(tmp)
+        tmp.replace(dst)  # never leave a half-written label behind
+    if trainids.ndim != 2:
+        raise ValueError(f"{dst}: expected a single-channel train-id label, got shape {trainids.shape}")
+    return str(dst), class_stats(trainids.astype(np.uint8), num_classes)
+
+
+def write_stats(root: Path, records: list[tuple[str, dict[str, int]]]) -> None:
+    """Write the three RCS JSON files into `root` from (label path, class counts) records."""
+    root = Path(root)
+    rel = [(os.path.relpath(p, root), s) for p, s in records]
+    stats_list = [{**s, "file": p} for p, s in rel]
+    stats_dict = {p: s for p, s in rel}
+    with_class: dict[str, list] = {}
+    for p, s in rel:
+        for c, n in s.items():
+            with_class.setdefault(c, []).append([p, n])
+    with_class = {c: with_class[c] for c in sorted(with_class, key=int)}
+    for name, obj in (
+        ("sample_class_stats.json", stats_list),
+        ("sample_class_stats_dict.json", stats_dict),
+        ("samples_with_class.json", with_class),
+    ):
+        tmp = root / (name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.replace(root / name)
+
+
+def _jobs(kind: str, root: Path, split: str) -> tuple[list[tuple[Path, Path]], Callable | None, np.ndarray | None]:
+    """(source label, train-id destination) pairs, the id reader and the lookup table of one dataset kind."""
+    if kind == "gta":
+        folder = root / "labels"
+        srcs = sorted(p for p in folder.glob("*.png") if p.stem[-1:].isdigit())
+        return [(p, p.with_name(p.stem + "_labelTrainIds.png")) for p in srcs], _read_ids_gta, _lut(
+            CITYSCAPES_ID_TO_TRAINID)  # fmt: skip
+    if kind == "synthia":
+        folder = root / "GT" / "LABELS"
+        srcs = sorted(p for p in folder.glob("*.png") if not p.name.endswith("_labelTrainIds.png"))
+        return [(p, p.with_name(p.stem + "_labelTrainIds.png")) for p in srcs], _read_ids_synthia, _lut(
+            SYNTHIA_ID_TO_TRAINID)  # fmt: skip
+    if kind == "cityscapes":
+        folder = root / "gtFine"
+        srcs = sorted(folder.glob("*/*/*_gtFine_labelIds.png"))
+        pairs = [(p, p.with_name(p.name.replace("_labelIds.png", "_labelTrainIds.png"))) for p in srcs]
+        return pairs, _read_ids_plain, _lut(CITYSCAPES_ID_TO_TRAINID)
+    if kind == "folder":
+        folder = root / "labels" / split if (root / "labels" / split).is_dir() else root / "labels"
+        srcs = sorted(folder.rglob("*.png"))
+        return [(p, p) for p in srcs], None, None
+    raise ValueError(f"unknown dataset kind {kind!r}")
+
+
+def convert(
+    kind: str, root: str | Path, nproc: int = 1, num_classes: int = 19, split: str = "train", quiet: bool = False
+) -> int:
+    """Convert one dataset in place and write its statistics; returns the number of label files processed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist")
+    pairs, read_ids, lut = _jobs(kind, root, split)
+    if not pairs:
+        pattern = {"gta": "labels/*<digit>.png", "synthia": "GT/LABELS/*.png",
+                   "cityscapes": "gtFine/*/*/*_gtFine_labelIds.png", "folder": "labels/**/*.png"}[kind]  # fmt: skip
+        raise FileNotFoundError(f"no label files in {root} matching {pattern}")
+    work = partial(_convert_pair, read_ids=read_ids, lut=lut, num_classes=num_classes)
+    if nproc > 1:
+        with Pool(nproc) as pool:
+            records = list(tqdm(pool.imap(work, pairs, chunksize=8), total=len(pairs), desc=f"convert {kind}",
+                                disable=quiet))  # fmt: skip
+    else:
+        records = [work(p) for p in tqdm(pairs, desc=f"convert {kind}", disable=quiet)]
+    if kind == "cityscapes":
+        # Statistics only from the training split; val/test labels are converted but never sampled.
+        records = [r for r in records if f"{os.sep}train{os.sep}" in r[0]]
+        _write_split_lists(root)
+    write_stats(root, records)
+    return len(pairs)
+
+
+def _convert_pair(pair: tuple[Path, Path], read_ids, lut, num_classes: int) -> tuple[str, dict[str, int]]:
+    return _convert_one(pair[0], pair[1], read_ids, lut, num_classes)
+
+
+def _write_split_lists(root: Path) -> None:
+    """train.txt / val.txt / test.txt with `<city>/<name>` per image, as the reference writes (unused by training)."""
+    for split in ("train", "val", "test"):
+        folder = root / "leftImg8bit" / split
+        if folder.is_dir():
+            names = sorted(p.relative_to(folder).as_posix().removesuffix("_leftImg8bit.png")
+                           for p in folder.glob("*/*_leftImg8bit.png"))  # fmt: skip
+            (root / f"{split}.txt").write_text("".join(n + "\n" for n in names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m daformer_fast.tools.convert_datasets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("kind", choices=["gta", "synthia", "cityscapes", "folder"])
+    parser.add_argument("root")
+    parser.add_argument("--nproc", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--num-classes", type=int, default=19, help="number of train ids (folder datasets)")
+    parser.add_argument("--split", default="train", help="label sub-folder of a folder dataset, if it has splits")
+    args = parser.parse_args(argv)
+    try:
+        n = convert(args.kind, args.root, args.nproc, args.num_classes, args.split)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.kind}: {n} label files converted; statistics written to {args.root}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
