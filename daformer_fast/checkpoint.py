@@ -1,0 +1,374 @@
+"""Reading weights into our models, and writing our own training checkpoints.
+
+`load_weights(model, path)` detects the file layout and maps it onto a `MixVisionTransformer` or a `Segmentor`:
+
+- "segformer-mit": SegFormer's ImageNet `mit_b*.pth`, a flat encoder dict (+ ImageNet `head.*`, ignored), possibly
+  wrapped under `state_dict` / `model` (the order the reference's `init_weights` looks them up in);
+- "daformer": official DAFormer checkpoints (`state_dict` with `model.` student, `ema_model.` teacher and
+  `imnet_model.` keys, or a published file with `model.*` only; a leading `module.` is dropped);
+- "hf-mit": HF transformers `nvidia/mit-b*` weights (`segformer.encoder.*`, `.bin`/`.pth`/`.safetensors`); the
+  separate key/value projections are concatenated into our `attn.kv` = [key; value];
+- "daformer_fast": what `save_checkpoint` writes (`student` / `teacher` segmentor state dicts, optimizer, ...).
+
+Files are always read with `weights_only=True` first: a checkpoint is untrusted input, and a pickle can run code.
+Only `trust=True` (CLI `--trust-checkpoint`) falls back to full unpickling. Everything is mapped to segmentor keys
+(`backbone.*`, `decode_head.*`) before being compared with the target, so there is one comparison path for all formats.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from daformer_fast.config import config_to_dict
+from daformer_fast.models.mit import MIT_SIZES, MixVisionTransformer
+
+__all__ = [
+    "CheckpointError", "LoadReport", "detect_format", "load_weights", "read_checkpoint", "save_checkpoint",
+    "to_segmentor_state",
+]  # fmt: skip
+
+FORMAT = "daformer_fast"
+_SHOW = 10  # keys listed per category in error messages
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model. The message is meant for the user as is."""
+
+
+@dataclass
+class LoadReport:
+    format: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _needs_unpickling(path: Path) -> list[str] | None:
+    """Globals a torch.save file needs beyond weights_only's allow-list; None if it is not a readable torch file.
+    Needed because torch reports random bytes and custom classes with the same "Weights only load failed"."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        # Legacy (pre-zip) torch.save files cannot be inspected; they start with the pickle PROTO opcode.
+        with open(path, "rb") as f:
+            return ["<legacy pickle>"] if f.read(2) == b"\x80\x02" else None
+
+
+def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
+    """The file's top-level dict (on CPU). Raises CheckpointError with a short message on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"cannot read checkpoint {path}: no such file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"cannot read checkpoint {path}: the safetensors package is not installed") from None
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _needs_unpickling(path)
+        if unsafe is None:
+            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint or corrupt") from None
+        if not trust:
+            raise CheckpointError(
+                f"checkpoint {path} needs full unpickling (it holds {', '.join(unsafe[:5])}), which can run "
+                "arbitrary code; pass trust=True (CLI --trust-checkpoint) only for files you trust"
+            ) from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e2).__name__}: {e2}") from None
+    except Exception as e:  # EOFError, zip errors, OSError, ...
+        msg = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}") from None
+    if isinstance(obj, nn.Module):  # a whole pickled model (trusted files only reach here)
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"cannot read checkpoint {path}: expected a dict, got {type(obj).__name__}")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Format detection and mapping to segmentor keys (`backbone.*`, `decode_head.*`)
+
+
+def _unwrap(obj: dict) -> dict:
+    """The reference's init_weights order: `state_dict`, else `model`, else the dict; then drop DDP's `module.`."""
+    for name in ("state_dict", "model"):
+        if isinstance(obj.get(name), dict):
+            obj = obj[name]
+            break
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def detect_format(state: dict) -> str:
+    """One of "daformer_fast", "hf-mit", "daformer", "segformer-mit" for a file's top-level dict."""
+    if state.get("format") == FORMAT:
+        return FORMAT
+    keys = list(_unwrap(state))
+    if any(k.startswith(("segformer.encoder.", "encoder.patch_embeddings.")) for k in keys):
+        return "hf-mit"  # before "daformer": HF segmentation models also have `decode_head.*`
+    if any(k.startswith(("model.", "ema_model.", "imnet_model.", "backbone.")) for k in keys):
+        return "daformer"
+    if any(k.startswith(("patch_embed1.", "block1.")) for k in keys):
+        return "segformer-mit"
+    raise CheckpointError(f"unrecognised checkpoint layout; first keys: {', '.join(map(str, keys[:5])) or 'none'}")
+
+
+_HF_BLOCK = [  # HF SegformerLayer sub-module -> ours (modeling_segformer.py names)
+    ("layer_norm_1.", "norm1."), ("layer_norm_2.", "norm2."), ("attention.self.query.", "attn.q."),
+    ("attention.self.sr.", "attn.sr."), ("attention.self.layer_norm.", "attn.norm."),
+    ("attention.output.dense.", "attn.proj."), ("mlp.dense1.", "mlp.fc1."),
+    ("mlp.dwconv.dwconv.", "mlp.dwconv.dwconv."), ("mlp.dense2.", "mlp.fc2."),
+]  # fmt: skip
+
+
+def _from_hf(sd: dict) -> tuple[dict, list[str]]:
+    """HF encoder keys -> MiT keys. Unknown encoder keys are kept under their HF name so strict loading names them."""
+    out, ignored, kv = {}, [], {}
+    for name, t in sd.items():
+        k = name.removeprefix("segformer.")
+        if not k.startswith("encoder."):
+            ignored.append(name)  # classifier.* / decode_head.*: HF's heads, not ours
+            continue
+        k = k.removeprefix("encoder.")
+        if m := re.fullmatch(r"patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k):
+            sub = "proj" if m[2] == "proj" else "norm"
+            out[f"patch_embed{int(m[1]) + 1}.{sub}.{m[3]}"] = t
+        elif m := re.fullmatch(r"layer_norm\.(\d+)\.(\w+)", k):
+            out[f"norm{int(m[1]) + 1}.{m[2]}"] = t
+        elif (m := re.fullmatch(r"block\.(\d+)\.(\d+)\.(.+)", k)) is not None:
+            pre, rest = f"block{int(m[1]) + 1}.{m[2]}.", m[3]
+            if kvm := re.fullmatch(r"attention\.self\.(key|value)\.(\w+)", rest):
+                kv.setdefault((pre, kvm[2]), {})[kvm[1]] = (name, t)
+                continue
+            new = next((dst + rest[len(src):] for src, dst in _HF_BLOCK if rest.startswith(src)), None)
+            out[pre + new if new else name] = t
+        else:
+            out[name] = t
+    for (pre, param), parts in kv.items():
+        if set(parts) == {"key", "value"}:
+            # Our kv Linear outputs [k | v] along dim 0 (mit.py reshapes to (..., 2, heads, head_dim)).
+            out[f"{pre}attn.kv.{param}"] = torch.cat([parts["key"][1], parts["value"][1]], 0)
+        else:
+            out.update(parts.values())  # a lone key or value: reported as unexpected, kv as missing
+    return out, ignored
+
+
+def _convert(obj: dict, key: str) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+    fmt = detect_format(obj)
+    teacher = key == "teacher"
+    if fmt == FORMAT:
+        part = "teacher" if teacher else "student"
+        if not isinstance(obj.get(part), dict):
+            raise CheckpointError(f"the checkpoint has no {part} weights")
+        return fmt, dict(obj[part]), []
+    sd = _unwrap(obj)
+    if fmt == "daformer":
+        if not any(k.startswith(("model.", "ema_model.", "imnet_model.")) for k in sd):
+            if teacher:
+                raise CheckpointError("the checkpoint holds one model only (backbone.*), no teacher")
+            return fmt, sd, []
+        prefix = "ema_model." if teacher else "model."
+        if not any(k.startswith(prefix) for k in sd):
+            # publish_model.py deletes ema_model.* and imnet_model.*: released files hold the student only.
+            raise CheckpointError(f"the checkpoint has no {prefix}* weights (published files hold the student only)")
+        out = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+        return fmt, out, [k for k in sd if not k.startswith(prefix)]
+    if teacher:
+        raise CheckpointError(f"key='teacher' but the checkpoint ({fmt}) holds ImageNet encoder weights only")
+    if fmt == "hf-mit":
+        enc, ignored = _from_hf(sd)
+    else:  # segformer-mit: the keys already match; `head.*` is the ImageNet classifier
+        enc = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        ignored = [k for k in sd if k.startswith("head.")]
+    return fmt, {"backbone." + k: v for k, v in enc.items()}, ignored
+
+
+def to_segmentor_state(obj: dict, key: str = "auto") -> tuple[str, dict[str, torch.Tensor]]:
+    """(format, segmentor-keyed state dict) of a file's top-level dict; encoder-only formats give `backbone.*` only."""
+    fmt, state, _ = _convert(obj, key)
+    return fmt, state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _listing(label: str, items: list[str]) -> str:
+    more = f", ... (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return f"\n  {label} ({len(items)}): {', '.join(items[:_SHOW])}{more}"
+
+
+def _guess_mit(state: dict) -> str | None:
+    """Which MiT size a `backbone.*` state looks like (for a readable hint when sizes differ)."""
+    depths = [len({k.split(".")[2] for k in state if k.startswith(f"backbone.block{i}.")}) for i in range(1, 5)]
+    norms = [state.get(f"backbone.norm{i}.weight") for i in range(1, 5)]
+    dims = [n.shape[0] if isinstance(n, torch.Tensor) else 0 for n in norms]
+    sizes = (n for n, s in MIT_SIZES.items() if list(s.depths) == depths and list(s.embed_dims) == dims)
+    return next((f"mit_{n}" for n in sizes), None)
+
+
+def _spec(model: nn.Module) -> Any:
+    enc = model if isinstance(model, MixVisionTransformer) else getattr(model, "backbone", None)
+    return getattr(enc, "spec", None)
+
+
+def _group(keys: list[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] + ".*" for k in keys}))
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    strict: bool = True,
+    trust: bool = False,
+    key: str = "auto",
+    log: Callable[[str], Any] = print,
+) -> LoadReport:
+    """Load a checkpoint of any supported format into a MiT encoder or a Segmentor (in place).
+
+    key: "auto"/"student" = the student of training checkpoints, "teacher" = the EMA teacher.
+    strict: any missing / unexpected / shape-mismatched tensor raises CheckpointError; otherwise the matching
+    tensors are loaded, the rest left at init, and a warning lists them.
+    """
+    if key not in ("auto", "student", "teacher"):
+        raise ValueError(f"key must be 'auto', 'student' or 'teacher', got {key!r}")
+    path = Path(path)
+    fmt, state, ignored = _convert(read_checkpoint(path, trust=trust), key)
+    ignored += [k for k, v in state.items() if not isinstance(v, torch.Tensor)]  # e.g. stray metadata entries
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    encoder_only = not any(k.startswith("decode_head.") for k in state)
+    if isinstance(model, MixVisionTransformer):
+        prefix = "backbone."
+        ignored += [k for k in state if k.startswith("decode_head.")]  # a full checkpoint feeding an encoder only
+        state = {k: v for k, v in state.items() if not k.startswith("decode_head.")}
+    elif isinstance(getattr(model, "backbone", None), MixVisionTransformer) and hasattr(model, "decode_head"):
+        prefix = ""
+    else:
+        raise TypeError(f"load_weights expects a MixVisionTransformer or a Segmentor, got {type(model).__name__}")
+    own = {prefix + k: v for k, v in model.state_dict().items()}
+    # Encoder weights into a segmentor: the head is legitimately not in the file.
+    expected = [k for k in own if not (encoder_only and k.startswith("decode_head."))]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    ok = {k.removeprefix(prefix): v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    rel = lambda ks: [k.removeprefix(prefix) for k in ks]  # noqa: E731  (report keys relative to the model)
+    report = LoadReport(fmt, len(ok), rel(missing), rel(unexpected), rel(mismatched), ignored)
+    problems = (
+        (_listing("missing", report.missing) if missing else "")
+        + (_listing("unexpected", report.unexpected) if unexpected else "")
+        + (_listing("shape mismatch", report.mismatched) if mismatched else "")
+    )
+    if problems:
+        guess, have = _guess_mit(state), next((f"mit_{n}" for n, s in MIT_SIZES.items() if s == _spec(model)), None)
+        if guess and have and guess != have:
+            problems = f"\n  hint: the file holds a {guess} encoder, the model is {have}" + problems
+        if strict:
+            raise CheckpointError(
+                f"checkpoint {path} ({fmt}) does not match the model:{problems}\n"
+                "pass strict=False to load only the matching tensors"
+            )
+        warnings.warn(f"checkpoint {path} ({fmt}): loading only the matching tensors:{problems}", stacklevel=2)
+    with torch.no_grad():
+        model.load_state_dict(ok, strict=False)  # copy_ into the existing tensors (casts dtype, keeps device)
+    what = "encoder tensors" if encoder_only or prefix else "tensors"
+    msg = f"loaded {path.name} ({fmt}{', teacher' if key == 'teacher' else ''}): {len(ok)}/{len(expected)} {what}"
+    if encoder_only and not prefix:
+        msg += "; decode head left at its init"
+    if problems:
+        msg += f"; {len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched (strict=False)"
+    if ignored:
+        msg += f"; ignored {len(ignored)} ({_group(ignored)})"
+    log(msg)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """CPU tensors and plain Python values only, so that the file loads with weights_only=True."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):  # torch.Size / namedtuples become plain tuples
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"save_checkpoint: {where} is a {type(obj).__name__}; only tensors and plain values are stored")
+
+
+def _state(obj: Any) -> Any:
+    return obj.state_dict() if hasattr(obj, "state_dict") and callable(obj.state_dict) else obj
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    student: nn.Module | dict,
+    teacher: nn.Module | dict | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
+    iteration: int = 0,
+    config: Any = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a "daformer_fast" checkpoint atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = config_to_dict(config)
+    obj = {"format": FORMAT, "version": 1, "iteration": int(iteration), "student": _plain(_state(student), "student")}
+    for name, value in (("teacher", teacher), ("optimizer", optimizer), ("config", config), ("extra", extra)):
+        if value is not None:
+            obj[name] = _plain(_state(value), name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")  # same directory, so os.replace is an atomic rename
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # persist the rename itself (POSIX); not possible on every platform / filesystem
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path

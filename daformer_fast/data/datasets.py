@@ -1,0 +1,176 @@
+"""Dataset file lists for the folder layouts of the DAFormer reference, image/label reading, keep-ratio resize.
+
+Layouts (recipe §1.7; `root` = `DatasetConfig.root`, `split` = `DatasetConfig.split`, all scans recursive):
+
+    gta         images/**/*.png                          labels/**/<stem>_labelTrainIds.png
+    synthia     RGB/**/*.png                             GT/LABELS/**/<stem>_labelTrainIds.png
+    cityscapes  leftImg8bit/<split>/**/*_leftImg8bit.png gtFine/<split>/**/<stem>_gtFine_labelTrainIds.png
+    acdc        rgb_anon/<split>/**/*_rgb_anon.png       gt/<split>/**/<stem>_gt_labelTrainIds.png
+    darkzurich  rgb_anon/<split>/**/*_rgb_anon.png       gt/<split>/**/<stem>_gt_labelTrainIds.png
+    folder      images/<split>/**/*.{png,jpg,jpeg}       labels/<split>/**/<stem>.png
+                (images/ and labels/ directly when images/<split> does not exist)
+
+`<stem>` is the image file name without the image suffix; the label sits in the same relative sub-folder.
+`img_suffix` / `label_suffix` in the config replace the layout's defaults. Unlike the reference (mmcv `scandir`,
+OS order) the lists are sorted, so runs do not depend on the file system.
+
+Reading follows recipe §1.3: images through OpenCV (BGR → RGB, uint8), labels through Pillow in their stored mode
+(a palette PNG gives its indices, not colours), cast to uint8. Resizing follows §1.6 (mmcv `imrescale`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from daformer_fast.config import DatasetConfig
+
+__all__ = [
+    "DatasetError",
+    "Sample",
+    "list_samples",
+    "read_image",
+    "read_label",
+    "rescale_size",
+    "resize_image",
+    "resize_label",
+]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be listed or a file that cannot be read. The message is meant for the user as is."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    img: Path
+    label: Path | None
+    """None when the label file does not exist (only possible with `need_labels=False`)."""
+    name: str
+    """Image path relative to the image folder, without the image suffix, '/'-separated (unique per dataset)."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    img_dir: str
+    label_dir: str
+    img_suffixes: tuple[str, ...]
+    label_suffix: str
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "gta": _Layout("images", "labels", (".png",), "_labelTrainIds.png"),
+    "synthia": _Layout("RGB", "GT/LABELS", (".png",), "_labelTrainIds.png"),
+    "cityscapes": _Layout("leftImg8bit/{split}", "gtFine/{split}", ("_leftImg8bit.png",), "_gtFine_labelTrainIds.png"),
+    "acdc": _Layout("rgb_anon/{split}", "gt/{split}", ("_rgb_anon.png",), "_gt_labelTrainIds.png"),
+    "darkzurich": _Layout("rgb_anon/{split}", "gt/{split}", ("_rgb_anon.png",), "_gt_labelTrainIds.png"),
+    "folder": _Layout("images/{split}", "labels/{split}", (".png", ".jpg", ".jpeg"), ".png"),
+}
+
+
+def _resolve_dirs(ds: DatasetConfig) -> tuple[Path, Path, tuple[str, ...], str]:
+    """Image folder, label folder, image suffixes and label suffix of `ds`, overrides applied."""
+    try:
+        layout = _LAYOUTS[ds.name]
+    except KeyError:
+        raise DatasetError(f"unknown dataset layout {ds.name!r}; expected one of {', '.join(_LAYOUTS)}") from None
+    root = Path(ds.root)
+    img_dir = root / layout.img_dir.format(split=ds.split)
+    label_dir = root / layout.label_dir.format(split=ds.split)
+    if ds.name == "folder" and not img_dir.is_dir():
+        # Custom datasets without split sub-folders keep everything directly under images/ and labels/.
+        img_dir, label_dir = root / "images", root / "labels"
+    img_suffixes = (ds.img_suffix,) if ds.img_suffix else layout.img_suffixes
+    label_suffix = ds.label_suffix if ds.label_suffix is not None else layout.label_suffix
+    return img_dir, label_dir, img_suffixes, label_suffix
+
+
+def _scan(folder: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(path, name without suffix relative to `folder`) of every file ending in one of `suffixes`, sorted."""
+    lowered = tuple(s.lower() for s in suffixes)
+    found = []
+    # followlinks: datasets are often assembled from symlinked city/condition folders.
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(folder)
+        for fname in filenames:
+            low = fname.lower()
+            for suffix in lowered:
+                if low.endswith(suffix) and len(fname) > len(suffix):
+                    found.append((Path(dirpath) / fname, (rel / fname[: -len(suffix)]).as_posix()))
+                    break
+    found.sort(key=lambda item: item[1])
+    return found
+
+
+def list_samples(ds: DatasetConfig, need_labels: bool = True) -> list[Sample]:
+    """Sorted (image, label) pairs of `ds` for its layout (module docstring).
+
+    Raises:
+        DatasetError: no image matches the layout's pattern, or (with `need_labels`) some labels are missing.
+    """
+    img_dir, label_dir, img_suffixes, label_suffix = _resolve_dirs(ds)
+    images = _scan(img_dir, img_suffixes) if img_dir.is_dir() else []
+    if not images:
+        pattern = "*" + (img_suffixes[0] if len(img_suffixes) == 1 else "{" + ",".join(img_suffixes) + "}")
+        where = "" if img_dir.is_dir() else " (folder does not exist)"
+        raise DatasetError(f"no images found for {ds.name} dataset at root {ds.root}: {img_dir}/**/{pattern}{where}")
+    samples, missing = [], []
+    for path, name in images:
+        label = label_dir / (name + label_suffix)
+        if not label.is_file():
+            missing.append(label)
+            label = None
+        samples.append(Sample(img=path, label=label, name=name))
+    if need_labels and missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(samples)} images in {img_dir} have no label file; first missing: {missing[0]}"
+        )
+    return samples
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 H×W×3 RGB image, decoded with OpenCV as the reference does."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DatasetError(f"cannot read image {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """uint8 H×W label map, read with Pillow in the file's own mode (palette PNGs give indices)."""
+    try:
+        with Image.open(path) as im:
+            lbl = np.array(im)  # a writable copy (asarray of a PIL image is read-only)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read label {path}: {e}") from None
+    lbl = np.squeeze(lbl) if lbl.ndim == 3 and lbl.shape[2] == 1 else lbl
+    if lbl.ndim != 2:
+        # An RGB colour label would otherwise be silently cast to garbage ids; the reference expects trainId files.
+        raise DatasetError(f"label {path} has shape {lbl.shape}; expected a single-channel trainId image")
+    return lbl.astype(np.uint8, copy=False)
+
+
+def rescale_size(w: int, h: int, scale: tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Keep-ratio size (new_w, new_h) for a (long, short) `scale`, mmcv `imrescale` rule (recipe §1.6)."""
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(w * factor + 0.5), int(h * factor + 0.5)
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 image to `size` = (w, h) (cv2 INTER_LINEAR, as the reference)."""
+    if (img.shape[1], img.shape[0]) == tuple(size):
+        return img
+    return cv2.resize(img, tuple(size), interpolation=cv2.INTER_LINEAR)
+
+
+def resize_label(lbl: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to `size` = (w, h)."""
+    if (lbl.shape[1], lbl.shape[0]) == tuple(size):
+        return lbl
+    return cv2.resize(lbl, tuple(size), interpolation=cv2.INTER_NEAREST)

@@ -1,0 +1,107 @@
+"""Rare Class Sampling (DAFormer, Sec. 3.3; recipe §3.1–3.2).
+
+From the source dataset's `sample_class_stats.json` (per-image pixel counts at the original label resolution):
+
+    f_c  = n_c / Σ_c' n_c'               (normalised by all labelled pixels, as the reference code does)
+    P(c) ∝ exp((1 − f_c) / T)  ≡  exp(−f_c / T)
+
+Sampling one source item: draw c ~ P, then an image uniformly among those with more than `min_pixels` pixels of
+c; the crop of that image is re-drawn (same image) up to 10 times until it holds more than
+`min_pixels · min_crop_ratio` pixels of c (checked by the pipeline, `pipeline.random_crop`). Only classes that
+occur at least once enter P (Synthia has no terrain, truck or train). JSON entries are matched to dataset
+samples by the label file's base name only (the Cityscapes city folder is ignored), as in the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from daformer_fast.data.datasets import DatasetError, Sample
+
+__all__ = ["RareClassSampler", "class_probabilities", "load_class_stats"]
+
+
+def load_class_stats(root: str | Path) -> list[dict]:
+    """The per-image statistics list written by `tools.convert_datasets` (or `make_synthetic`)."""
+    path = Path(root) / "sample_class_stats.json"
+    if not path.is_file():
+        raise DatasetError(
+            f"rare class sampling needs {path}; run `python -m daformer_fast.tools.convert_datasets` on {root} "
+            f"or set data.rcs.enabled=false"
+        )
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    if not isinstance(stats, list) or not all(isinstance(s, dict) and "file" in s for s in stats):
+        raise DatasetError(f"{path}: expected a list of {{class: pixels, ..., 'file': path}} objects")
+    return stats
+
+
+def class_probabilities(stats: list[dict], temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, P) over the classes present in `stats`, classes ordered by ascending frequency (reference order)."""
+    totals: dict[int, int] = {}
+    for s in stats:
+        for c, n in s.items():
+            if c != "file":
+                totals[int(c)] = totals.get(int(c), 0) + int(n)
+    if not totals:
+        raise DatasetError("rare class sampling: the class statistics contain no labelled pixel")
+    classes = np.array(sorted(totals, key=lambda c: (totals[c], c)), dtype=np.int64)
+    freq = np.array([totals[c] for c in classes], dtype=np.float64)
+    freq /= freq.sum()
+    logits = (1.0 - freq) / temperature
+    p = np.exp(logits - logits.max())  # stable softmax; identical to exp(-f/T) normalised
+    return classes, p / p.sum()
+
+
+@dataclass
+class RareClassSampler:
+    """Class and image choice of RCS over a list of dataset samples."""
+
+    classes: np.ndarray
+    probs: np.ndarray
+    images_with_class: dict[int, np.ndarray]
+    """class → indices into the dataset's sample list of the images with > min_pixels pixels of that class."""
+    min_pixels: int
+    min_crop_ratio: float
+
+    @classmethod
+    def from_stats(
+        cls, stats: list[dict], samples: list[Sample], temperature: float, min_pixels: int, min_crop_ratio: float
+    ) -> RareClassSampler:
+        index_of = {Path(s.label).name: i for i, s in enumerate(samples) if s.label is not None}
+        candidates: dict[int, list[int]] = {}
+        for s in stats:
+            i = index_of.get(Path(s["file"]).name)
+            if i is None:
+                continue  # a statistics entry for a file that is not in this dataset (e.g. a filtered split)
+            for c, n in s.items():
+                if c != "file" and int(n) > min_pixels:  # strict, as the reference
+                    candidates.setdefault(int(c), []).append(i)
+        classes, probs = class_probabilities(stats, temperature)
+        # Classes present in the data but never above min_pixels in one image cannot be sampled; drop them and
+        # renormalise (the reference would fail on an empty candidate list).
+        keep = np.array([int(c) in candidates for c in classes])
+        if not keep.any():
+            raise DatasetError(
+                f"rare class sampling: no image has more than data.rcs.min_pixels={min_pixels} pixels of any class; "
+                f"lower min_pixels for small images"
+            )
+        classes, probs = classes[keep], probs[keep] / probs[keep].sum()
+        images = {int(c): np.array(sorted(candidates[int(c)]), dtype=np.int64) for c in classes}
+        return cls(classes, probs, images, min_pixels, min_crop_ratio)
+
+    def sample(self, rng: np.random.Generator) -> tuple[int, int]:
+        """(class, sample index): c ~ P, then an image uniformly among those rich in c."""
+        c = int(self.classes[rng.choice(len(self.classes), p=self.probs)])
+        idx = self.images_with_class[c]
+        return c, int(idx[rng.integers(len(idx))])
+
+    @property
+    def min_crop_pixels(self) -> float:
+        return self.min_pixels * self.min_crop_ratio
