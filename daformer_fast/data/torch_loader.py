@@ -90,7 +90,10 @@ class TrainDataset(Dataset):
                     f"image/label size mismatch: {s.img} is {img.shape[1]}x{img.shape[0]}, "
                     f"{s.label} is {lbl.shape[1]}x{lbl.shape[0]}"
                 )
-            check_label_values(lbl, self.num_classes, s.label)
+            try:
+                check_label_values(lbl, self.num_classes, s.label)
+            except DatasetError as e:
+                raise _Fatal(str(e)) from None  # wrong ids (e.g. unconverted labels) are not an unreadable file
         return img, lbl
 
     def _draw(self, side: _Side, rng: np.random.Generator, use_rcs: bool) -> tuple[np.ndarray, np.ndarray | None, int, int]:
@@ -139,7 +142,7 @@ class TrainDataset(Dataset):
 
 
 class _Fatal(Exception):
-    """Bad data that skipping would hide (size mismatch); always stops the run."""
+    """Bad data that skipping would hide (size mismatch, label values that are not train ids); always stops the run."""
 
 
 def build_torch_loader(

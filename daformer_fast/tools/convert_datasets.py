@@ -89,6 +89,18 @@ def _read_ids_plain(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int64)
 
 
+def _check_trainids(label: np.ndarray, num_classes: int, path: Path) -> None:
+    """Folder-dataset labels must already be train ids: values in [0, num_classes) or 255 (checked before the uint8
+    cast, so 16-bit values such as 256 + 3 are reported instead of silently wrapping)."""
+    bad = np.unique(label[(label < 0) | ((label >= num_classes) & (label != 255))])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if bad.size > 8 else "")
+        raise ValueError(
+            f"{path}: label values {shown} outside 0..{num_classes - 1} and 255; folder datasets need train-id labels "
+            f"(check --num-classes)"
+        )
+
+
 def _convert_one(
     src: Path, dst: Path, read_ids: Callable[[Path], np.ndarray] | None, lut: np.ndarray | None, num_classes: int
 ) -> tuple[str, dict[str, int]]:
@@ -103,6 +115,8 @@ def _convert_one(
         tmp.replace(dst)  # never leave a half-written label behind
     if trainids.ndim != 2:
         raise ValueError(f"{dst}: expected a single-channel train-id label, got shape {trainids.shape}")
+    if read_ids is None:
+        _check_trainids(trainids, num_classes, dst)  # folder labels are user-made: validate before counting
     return str(dst), class_stats(trainids.astype(np.uint8), num_classes)
 
 
@@ -172,7 +186,8 @@ def convert(
         records = [work(p) for p in tqdm(pairs, desc=f"convert {kind}", disable=quiet)]
     if kind == "cityscapes":
         # Statistics only from the training split; val/test labels are converted but never sampled.
-        records = [r for r in records if f"{os.sep}train{os.sep}" in r[0]]
+        # Decided on the path below gtFine/, so a root that itself contains a `train` folder does not count val.
+        records = [r for r in records if Path(r[0]).relative_to(root / "gtFine").parts[0] == "train"]
         _write_split_lists(root)
     write_stats(root, records)
     return len(pairs)

@@ -1,0 +1,161 @@
+"""Training-loader throughput: torch DataLoader vs DALI, in samples/s (source + target samples).
+
+    python benchmarks/loader.py [--config CONFIG] [--root DIR] [--loader torch|dali|both] [--iters N]
+                                [--workers N] [--dali-resize exact|fast|both] [--device DEV] [--json PATH]
+
+Data: `--config` (its data section: real datasets, scales, crop, RCS); `--root DIR` replaces the source/target
+roots by DIR/source (GTA layout) and DIR/target (Cityscapes layout), as `make_synthetic` writes them. Without
+either, a synthetic benchmark at the paper's sizes is generated in a temporary folder: source 1914x1052 PNGs
+(GTA size) resized to (1280, 720), target 2048x1024 (Cityscapes size) resized to (1024, 512), 512x512 crops,
+RCS on, batch 2 + 2, `dacs` mode.
+
+Timing: the first `--warmup` batches (worker start, pipeline build, queue fill) are excluded; then `--iters`
+batches are consumed as fast as the loader delivers them (on CUDA, after a synchronize), so the figure is the
+loader's ceiling, not the trainer's data wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from daformer_fast.config import load_config, parse_config
+from daformer_fast.data.dali_loader import DaliTrainLoader, dali_available
+from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
+from daformer_fast.tools.make_synthetic import make_synthetic
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _synthetic(tmp: Path, n: int):
+    """GTA-sized source and Cityscapes-sized target images (two make_synthetic calls, one size each)."""
+    t = time.perf_counter()
+    src = make_synthetic(tmp / "gta", n_source=n, n_target=1, n_val=1, size=(1914, 1052), seed=0, quiet=True)
+    tgt = make_synthetic(tmp / "cs", n_source=1, n_target=n, n_val=1, size=(2048, 1024), seed=1, quiet=True)
+    print(f"generated {n} + {n} synthetic images in {time.perf_counter() - t:.0f} s under {tmp}")
+    return parse_config({"data": {
+        "source": {"root": str(src / "source"), "scale": [1280, 720]},
+        "target": {"root": str(tgt / "target"), "scale": [1024, 512]},
+    }}).data  # fmt: skip
+
+
+def _time(loader, warmup: int, iters: int, device: torch.device) -> float:
+    """Seconds for `iters` batches after `warmup` batches."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        batch = next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t
+    del batch, it
+    return dt
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (its data section is used)")
+    p.add_argument("--root", help="folder with source/ (GTA layout) and target/ (Cityscapes layout)")
+    p.add_argument("--loader", choices=["torch", "dali", "both"], default="both")
+    p.add_argument("--dali-resize", choices=["exact", "fast", "both"], default="both")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=None, help="default: min(data.workers, cpu count)")
+    p.add_argument("--images", type=int, default=8, help="synthetic images per domain")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+
+    tmp = None
+    if args.config:
+        data = load_config(args.config).data
+    elif args.root:
+        data = parse_config().data
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="loader_bench_")
+        data = _synthetic(Path(tmp.name), args.images)
+    if args.root:
+        root = Path(args.root)
+        data = dataclasses.replace(
+            data, source=dataclasses.replace(data.source, root=str(root / "source")),
+            target=dataclasses.replace(data.target, root=str(root / "target")),
+        )  # fmt: skip
+    workers = args.workers if args.workers is not None else min(data.workers, os.cpu_count() or 1)
+    data = dataclasses.replace(data, workers=workers)
+    kw = {"mode": "dacs", "num_classes": len(data.classes), "seed": 0}
+    n_iters = args.warmup + args.iters
+    per_iter = 2 * data.batch_size  # source + target samples
+
+    dali_ok, dali_why = dali_available()
+    dali_version = None
+    if dali_ok:
+        import nvidia.dali
+
+        dali_version = nvidia.dali.__version__
+    env = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {_cpu_name()}",
+        "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "dali": dali_version, "workers": workers, "batch_size": data.batch_size, "crop": list(data.crop),
+        "source": f"{data.source.root} scale {list(data.source.scale)}",
+        "target": f"{data.target.root} scale {list(data.target.scale)}",
+        "rcs": data.rcs.enabled, "warmup": args.warmup, "iters": args.iters,
+    }  # fmt: skip
+    for k, v in env.items():
+        print(f"{k:>10}: {v}")
+
+    runs = []
+    if args.loader in ("torch", "both"):
+        ds = TrainDataset(data, rank=0, **kw)
+        loader = build_torch_loader(ds, start_iter=0, max_iters=n_iters, workers=workers,
+                                    pin_memory=device.type == "cuda")  # fmt: skip
+        runs.append(("torch", f"DataLoader, {workers} workers", lambda: loader))
+    if args.loader in ("dali", "both"):
+        if not dali_ok:
+            print(f"skipping DALI: {dali_why}")
+        else:
+            for resize in ("exact", "fast") if args.dali_resize == "both" else (args.dali_resize,):
+                dl = DaliTrainLoader(data, max_iters=n_iters, device=device, resize=resize, **kw)
+                desc = f"resize={resize}, {dl.num_threads} DALI threads + {dl.plan_workers} plan workers, {device}"
+                runs.append((f"dali-{resize}", desc, lambda dl=dl: dl))
+
+    results = []
+    for name, desc, make in runs:
+        dt = _time(make(), args.warmup, args.iters, device)
+        r = {"loader": name, "setup": desc, "seconds": round(dt, 3), "iters_per_s": round(args.iters / dt, 2),
+             "samples_per_s": round(args.iters * per_iter / dt, 1)}  # fmt: skip
+        results.append(r)
+        print(f"{name:>11}: {r['samples_per_s']:7.1f} samples/s  ({r['iters_per_s']:.2f} it/s; {desc})")
+    out = {**env, "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,392 @@
+"""NVIDIA DALI training loader: the torch loader's batches, with image decode, resize, crop and flip in DALI.
+
+Same batch contract and the same random decisions as `torch_loader` (item k = sample j of iteration t, every
+draw from `item_rng(seed, rank, t, j, stream)`), so the two loaders are interchangeable mid-run.
+
+Division of work:
+
+- Host ("plan", `PlanDataset`, in torch DataLoader workers): replays `TrainDataset`'s draws — RCS class and
+  image, crop box (with the `cat_max_ratio` and RCS re-crop checks, which need the resized label), flip — from
+  the label only. The host decodes and resizes the label (Pillow + nearest resize: cheap), crops it and reads
+  the image's size from its header. It never decodes an image.
+- DALI: image file read and decode (PNG is decoded by CPU threads inside DALI even on a GPU; only JPEG has a
+  GPU decoder), resize of the crop window only, flip, pad, HWC → CHW; on the GPU when the loader's device is CUDA (`mixed`
+  decoder, `gpu` operators), on the CPU otherwise. One graph: operators take the device as a parameter, so the
+  CPU graph the tests run is the graph the GPU runs.
+
+Resize, bit-exact with OpenCV. `fn.resize` (linear, antialias off) interpolates in float and rounds to
+nearest; OpenCV's `INTER_LINEAR` on uint8 (what the reference and the torch loader use) is a fixed-point
+algorithm: 11-bit weights rounded from float32 positions, an exact integer horizontal pass
+T = a0·S[x0] + a1·S[x1], then a vertical pass ((T0>>4)·b0>>16 + (T1>>4)·b1>>16 + 2)>>2 that truncates twice.
+It is about 1/8 of a grey level darker on average, and `fn.resize` differs from it by ±1 on ~12 % of pixels.
+`resize="exact"` (default) therefore reproduces OpenCV's arithmetic: the host computes the two source
+columns/rows and integer weights of every output pixel exactly as OpenCV does, DALI gathers them with
+`fn.multi_paste` (integer anchors, one region per run of consecutive source columns/rows) and evaluates the
+integer formula with arithmetic operators. That equals `cv2.resize` bit for bit (checked on OpenCV 5.0 for
+down- and up-scaling, odd sizes, and the exact 2× case where OpenCV switches to INTER_AREA, which gives the same
+values). It reproduces OpenCV's SIMD code path (every x86/ARM build); an OpenCV built without SIMD rounds
+differently and the torch loader itself would then differ from the reference. `resize="fast"` uses one
+`fn.resize` over the crop's source window instead: fewer operators, ±1 grey level from OpenCV.
+
+Differences from the torch loader, by design: an image whose header reads but whose data is corrupt is not
+skipped (the host never decodes images) and stops the run with the DALI error; `rcs_class` and `failed`
+stay on the host (the failure monitor reads them every step; a device copy would cost a sync).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from daformer_fast.config import DataConfig
+from daformer_fast.data.datasets import DatasetError, read_label, rescale_size, resize_label
+from daformer_fast.data.pipeline import IGNORE, crop_box, random_crop
+from daformer_fast.data.torch_loader import (
+    _MAX_REDRAWS,
+    Mode,
+    TrainDataset,
+    _Fatal,
+    _Side,
+    check_label_values,
+    item_rng,
+)
+
+__all__ = ["DaliTrainLoader", "PlanDataset", "dali_available", "resize_taps"]
+
+log = logging.getLogger("daformer_fast.data")
+Resize = Literal["exact", "fast"]
+_OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed")
+_COEF_SCALE = 2048  # OpenCV INTER_RESIZE_COEF_SCALE (11 fractional bits)
+
+
+def dali_available() -> tuple[bool, str]:
+    """(True, "") when `nvidia.dali` and its PyTorch plugin import, else (False, the reason)."""
+    try:
+        importlib.import_module("nvidia.dali")
+        importlib.import_module("nvidia.dali.plugin.pytorch")
+    except (ImportError, OSError, RuntimeError) as e:  # OSError, RuntimeError: a broken CUDA library install
+        return False, f"{type(e).__name__}: {e}"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host side: OpenCV's resize taps and the per-sample plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resize_taps(src: int, dst: int, lo: int, hi: int, *, clamp_weights: bool):
+    """OpenCV INTER_LINEAR taps of output indices lo..hi−1 along one axis of length src → dst.
+
+    Returns (i0, i1, w0, w1): the two source indices (clipped to the image) and their int32 fixed-point weights
+    (sum 2048). Positions are computed as OpenCV does, in double then rounded to float32. `clamp_weights`: the
+    horizontal rule (outside the image the weight goes entirely to the edge pixel); vertically OpenCV only clips
+    the row indices.
+    """
+    d = np.arange(lo, hi, dtype=np.float64)
+    f = ((d + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    f = f - i0.astype(np.float32)
+    if clamp_weights:
+        below, above = i0 < 0, i0 >= src - 1
+        f[below | above] = 0
+        i0[below], i0[above] = 0, src - 1
+    w0 = np.rint((np.float32(1) - f) * np.float32(_COEF_SCALE)).astype(np.int32)
+    w1 = np.rint(f * np.float32(_COEF_SCALE)).astype(np.int32)
+    return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), w0, w1
+
+
+def _runs(idx: np.ndarray) -> np.ndarray:
+    """(source start, output start, length) of the maximal runs of `idx` that step by exactly +1."""
+    cut = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate([[0], cut])
+    lengths = np.diff(np.concatenate([starts, [len(idx)]]))
+    return np.stack([idx[starts], starts, lengths], 1)
+
+
+def _paste_args(idx: np.ndarray, axis: int, other: tuple[int, int], j: int) -> list[np.ndarray]:
+    """`fn.multi_paste` arguments (in_ids, in_anchors, shapes, out_anchors) gathering `idx` along `axis` (0 rows,
+    1 columns) of sample j; `other` = (anchor, extent) of the untouched axis."""
+    r = _runs(idx)
+    n = len(r)
+    a = np.empty((n, 2), np.int32)
+    s = np.empty((n, 2), np.int32)
+    o = np.zeros((n, 2), np.int32)
+    a[:, axis], s[:, axis], o[:, axis] = r[:, 0], r[:, 2], r[:, 1]
+    a[:, 1 - axis], s[:, 1 - axis] = other
+    return [np.full(n, j, np.int32), a, s, o]
+
+
+def _exact_args(src_hw: tuple[int, int], size: tuple[int, int], box, j: int) -> list[np.ndarray]:
+    """Arguments of the bit-exact resize of the crop window `box` (module docstring), 22 arrays."""
+    (h, w), (W, H), (y0, y1, x0, x1) = src_hw, size, box
+    c0, c1, a0, a1 = resize_taps(w, W, x0, x1, clamp_weights=True)
+    r0, r1, b0, b1 = resize_taps(h, H, y0, y1, clamp_weights=False)
+    top = int(r0[0])  # rows the horizontal pass needs: top .. r1[-1] (indices are non-decreasing)
+    rows = int(r1[-1]) - top + 1
+    return [
+        *_paste_args(c0, 1, (top, rows), j), *_paste_args(c1, 1, (top, rows), j),
+        *_paste_args(r0 - top, 0, (0, x1 - x0), j), *_paste_args(r1 - top, 0, (0, x1 - x0), j),
+        np.array([rows, x1 - x0], np.int32), np.array([y1 - y0, x1 - x0], np.int32),
+        a0.reshape(1, -1, 1), a1.reshape(1, -1, 1), b0.reshape(-1, 1, 1), b1.reshape(-1, 1, 1),
+    ]  # fmt: skip
+
+
+def _fast_args(src_hw: tuple[int, int], size: tuple[int, int], box) -> list[np.ndarray]:
+    """`fn.resize` ROI (source coordinates, (y, x)) and output size of the crop window, 3 arrays."""
+    (h, w), (W, H), (y0, y1, x0, x1) = src_hw, size, box
+    sy, sx = h / H, w / W
+    return [
+        np.array([y0 * sy, x0 * sx], np.float32), np.array([y1 * sy, x1 * sx], np.float32),
+        np.array([y1 - y0, x1 - x0], np.float32),
+    ]  # fmt: skip
+
+
+_N_GEOM = {"exact": 22, "fast": 3}
+
+
+def _image_size(path) -> tuple[int, int]:
+    """(h, w) from the image header, after EXIF orientation (OpenCV and DALI both apply it)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            # PNG: only an eXIf chunk before the pixel data is seen without decoding (Pillow's getexif would
+            # decode the whole image to look for one after it).
+            has_exif = im.format != "PNG" or "exif" in im.info
+            orientation = im.getexif().get(0x0112, 1) if has_exif else 1
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def _apply_label(lbl: np.ndarray, box, flip: bool, crop: tuple[int, int]) -> np.ndarray:
+    """The label half of `pipeline._apply`: crop, flip, pad with 255."""
+    y0, y1, x0, x1 = box
+    out = lbl[y0:y1, x0:x1]
+    if flip:
+        out = out[:, ::-1]
+    if out.shape != tuple(crop):
+        out = np.pad(out, ((0, crop[0] - out.shape[0]), (0, crop[1] - out.shape[1])), constant_values=IGNORE)
+    return np.ascontiguousarray(out)
+
+
+class PlanDataset(TrainDataset):
+    """`TrainDataset`'s draws without decoding images: item k → the DALI pipeline's inputs of that sample.
+
+    `_plan` mirrors `TrainDataset._draw` + `pipeline.sample_crop` draw for draw; the equality tests against the
+    torch loader hold it to that.
+    """
+
+    def __init__(self, data: DataConfig, *, mode: Mode, num_classes: int, seed: int, rank: int = 0,
+                 resize: Resize = "exact") -> None:  # fmt: skip
+        super().__init__(data, mode=mode, num_classes=num_classes, seed=seed, rank=rank)
+        self.resize = resize
+
+    def _read_meta(self, side: _Side, i: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+        """(image path as utf-8 bytes for `fn.io.file.read`, image (h, w), label or None)."""
+        s = side.samples[i]
+        hw = _image_size(s.img)
+        lbl = None
+        if side.labelled:
+            lbl = read_label(s.label)
+            if lbl.shape != hw:
+                raise _Fatal(
+                    f"image/label size mismatch: {s.img} is {hw[1]}x{hw[0]}, {s.label} is {lbl.shape[1]}x{lbl.shape[0]}"
+                )
+            try:
+                check_label_values(lbl, self.num_classes, s.label)
+            except DatasetError as e:
+                raise _Fatal(str(e)) from None
+        return np.frombuffer(str(s.img).encode(), np.uint8), hw, lbl
+
+    def _crop(self, rng, hw, lbl, *, cat_max_ratio: float, rcs_class: int | None, rcs_min_pixels: float):
+        """(box clipped to the image, flip, cropped label or None): `sample_crop`'s draws."""
+        crop = self.data.crop
+
+        def once():
+            box = random_crop(rng, lbl, crop, cat_max_ratio) if lbl is not None else crop_box(rng, hw, crop)
+            flip = bool(rng.random() < self.data.flip_prob)
+            return box, flip, (_apply_label(lbl, box, flip, crop) if lbl is not None else None)
+
+        box, flip, out = once()
+        if rcs_class is not None and lbl is not None:
+            for _ in range(10):
+                if np.count_nonzero(out == rcs_class) > rcs_min_pixels:
+                    break
+                box, flip, out = once()
+        y0, y1, x0, x1 = box
+        return (y0, min(y1, hw[0]), x0, min(x1, hw[1])), flip, out
+
+    def _plan(self, side: _Side, rng: np.random.Generator, use_rcs: bool, j: int):
+        """(DALI inputs of the image: path, geometry, flip; cropped label; RCS class; files skipped)."""
+        failed = 0
+        for _ in range(_MAX_REDRAWS):
+            if use_rcs:
+                c, i = self.rcs.sample(rng)
+            else:
+                c, i = -1, int(rng.integers(len(side.samples)))
+            try:
+                path, hw, lbl = self._read_meta(side, i)
+            except _Fatal as e:
+                raise DatasetError(str(e)) from None
+            except DatasetError as e:
+                if self.data.strict:
+                    raise
+                log.warning("skipping unreadable sample: %s", e)
+                failed += 1
+                continue
+            size = rescale_size(hw[1], hw[0], side.cfg.scale)
+            if lbl is not None:
+                lbl = resize_label(lbl, size)
+            box, flip, lbl_crop = self._crop(
+                rng, (size[1], size[0]), lbl,
+                cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
+                rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
+                rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
+            )  # fmt: skip
+            geom = _exact_args(hw, size, box, j) if self.resize == "exact" else _fast_args(hw, size, box)
+            return [path, *geom, np.array(flip, np.int32)], lbl_crop, c, failed
+        raise DatasetError(f"{_MAX_REDRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?")
+
+    def __getitem__(self, k: int) -> dict:
+        t, j = divmod(int(k), self.data.batch_size)
+        img, lbl, c, failed = self._plan(self.main, item_rng(self.seed, self.rank, t, j, 0), self.rcs is not None, j)
+        out = {"img": img, "gt": lbl, "rcs_class": c}
+        if self.other is not None:
+            out["target_img"], _, _, tfailed = self._plan(self.other, item_rng(self.seed, self.rank, t, j, 1), False, j)
+            failed += tfailed
+        out["failed"] = failed
+        return out
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DALI side: one graph, device as a parameter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _image_graph(fn, types, inputs: Iterator, device: str, resize: Resize, crop: tuple[int, int]):
+    """Decode → resize of the crop window → flip → pad → CHW, from the next inputs of `inputs` (plan order)."""
+    enc = fn.io.file.read(next(inputs))  # in DALI's threads: no image bytes through Python
+    img = fn.decoders.image(enc, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    if resize == "exact":
+        gathers = [[next(inputs) for _ in range(4)] for _ in range(4)]  # columns x0, x1; rows y0, y1
+        rows_size, out_size = next(inputs), next(inputs)
+        a0, a1, b0, b1 = ((x.gpu() if device == "gpu" else x) for x in (next(inputs) for _ in range(4)))
+
+        def gather(x, args, size):
+            ids, anchors, shapes, out_anchors = args
+            return fn.multi_paste(x, in_ids=ids, in_anchors=anchors, shapes=shapes, out_anchors=out_anchors,
+                                  output_size=size, dtype=types.INT32, device=device)  # fmt: skip
+
+        # OpenCV's fixed-point passes (module docstring); // is >> on these non-negative int32 values.
+        t = (gather(img, gathers[0], rows_size) * a0 + gather(img, gathers[1], rows_size) * a1) // 16
+        t0, t1 = gather(t, gathers[2], out_size), gather(t, gathers[3], out_size)
+        img = fn.cast((t0 * b0 // 65536 + t1 * b1 // 65536 + 2) // 4, dtype=types.UINT8)
+    else:
+        roi_start, roi_end, size = next(inputs), next(inputs), next(inputs)
+        img = fn.resize(img, size=size, roi_start=roi_start, roi_end=roi_end, antialias=False,
+                        interp_type=types.INTERP_LINEAR, device=device)  # fmt: skip
+    img = fn.flip(img, horizontal=next(inputs), device=device)
+    img = fn.pad(img, axis_names="HW", shape=list(crop), fill_value=0, device=device)  # bottom/right, as np.pad
+    return fn.transpose(img, perm=[2, 0, 1], device=device)
+
+
+def _build_pipeline(feed, *, n_inputs: int, batch_size: int, device: str, device_id: int | None, num_threads: int,
+                    resize: Resize, crop: tuple[int, int], with_target: bool, prefetch: int):  # fmt: skip
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True)  # fmt: skip
+    def pipe():
+        inputs = iter(fn.external_source(source=feed, num_outputs=n_inputs, batch=True))
+        outs = [_image_graph(fn, types, inputs, device, resize, crop)]
+        gt = next(inputs)
+        outs.append(gt.gpu() if device == "gpu" else gt)
+        if with_target:
+            outs.append(_image_graph(fn, types, inputs, device, resize, crop))
+        return (*outs, next(inputs), next(inputs))  # rcs_class, failed: host metadata stays on the CPU
+
+    return pipe()
+
+
+class DaliTrainLoader:
+    """Batches of iterations start_iter .. max_iters−1 in order, by DALI; `torch_loader`'s contract and draws.
+
+    Args:
+        device: where DALI runs and the image/label tensors live: a CUDA device (mixed decoder, GPU operators)
+            or "cpu" (DALI's CPU-only mode, `device_id=None`).
+        num_threads: DALI CPU threads (PNG decode); default max(1, data.workers).
+        plan_workers: torch DataLoader workers computing the plans; default data.workers // 2.
+        resize: "exact" (OpenCV bit-exact, default) or "fast" (`fn.resize`, ±1 grey level); module docstring.
+        prefetch: DALI prefetch queue depth (iterations in flight).
+    """
+
+    def __init__(
+        self, data: DataConfig, *, mode: Mode, num_classes: int, seed: int, rank: int = 0, start_iter: int = 0,
+        max_iters: int, device: torch.device | str = "cpu", num_threads: int | None = None,
+        plan_workers: int | None = None, resize: Resize = "exact", prefetch: int = 2,
+    ) -> None:  # fmt: skip
+        ok, why = dali_available()
+        if not ok:
+            raise RuntimeError(f"the DALI loader needs NVIDIA DALI (pip install nvidia-dali-cuda130): {why}")
+        if resize not in _N_GEOM:
+            raise ValueError(f"resize must be 'exact' or 'fast', got {resize!r}")
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the DALI loader runs on cpu or cuda, not {self.device}")
+        self.dataset = PlanDataset(data, mode=mode, num_classes=num_classes, seed=seed, rank=rank, resize=resize)
+        self.data, self.start_iter, self.max_iters = data, start_iter, max_iters
+        self.resize, self.prefetch = resize, prefetch
+        self.num_threads = num_threads if num_threads is not None else max(1, data.workers)
+        self.plan_workers = plan_workers if plan_workers is not None else data.workers // 2
+
+    def __len__(self) -> int:
+        return max(self.max_iters - self.start_iter, 0)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if len(self) == 0:
+            return
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        B, w = self.data.batch_size, self.plan_workers
+        # Plan workers fork here, before DALI starts its threads.
+        plans = iter(DataLoader(
+            self.dataset, batch_size=B, sampler=range(self.start_iter * B, self.max_iters * B), num_workers=w,
+            collate_fn=_as_list, prefetch_factor=4 if w > 0 else None,
+        ))  # fmt: skip
+        with_target = self.dataset.other is not None
+        n_side = 2 + _N_GEOM[self.resize]
+
+        def feed():
+            items = next(plans)  # StopIteration ends the DALI epoch after the last iteration
+            cols = [[it["img"][k] for it in items] for k in range(n_side)]
+            cols.append([it["gt"] for it in items])
+            if with_target:
+                cols += [[it["target_img"][k] for it in items] for k in range(n_side)]
+            cols.append([np.array(it["rcs_class"], np.int64) for it in items])
+            cols.append([np.array(it["failed"], np.int64) for it in items])
+            return tuple(cols)
+
+        gpu = self.device.type == "cuda"
+        device_id = None  # DALI's CPU-only mode
+        if gpu:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pipe = _build_pipeline(
+            feed, n_inputs=2 * n_side + 3 if with_target else n_side + 3, batch_size=B,
+            device="gpu" if gpu else "cpu", device_id=device_id, num_threads=self.num_threads, resize=self.resize,
+            crop=tuple(self.data.crop), with_target=with_target, prefetch=self.prefetch,
+        )  # fmt: skip
+        names = [n for n in _OUTPUTS if with_target or n != "target_img"]
+        for (out,) in DALIGenericIterator([pipe], names, size=-1):
+            out["gt"] = out["gt"].long()
+            yield out
