@@ -1,0 +1,64 @@
+"""Mean-teacher EMA update (DAFormer recipe §2.2 step 1; DACS `_update_ema`).
+
+The teacher follows the student by θ_T ← a·θ_T + (1 − a)·θ_S with a = min(1 − 1/(t + 1), α), where t is the
+0-based iteration; at t = 0 the teacher is a copy of the student. Only parameters take part: the reference never
+averages buffers, so the teacher's BatchNorm running statistics come from its own forward passes (§2.3), and
+changing that would be a method change, not a speed-up.
+
+The update runs as multi-tensor `torch._foreach_*` ops (one launch per op for all parameters) instead of the
+reference's per-parameter Python loop; `t` is a host int, so nothing here synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["ema_weight", "update_ema"]
+
+
+def ema_weight(t: int, alpha: float) -> float:
+    """Teacher weight a at iteration t: min(1 − 1/(t + 1), alpha); 0 at t = 0 (a plain copy).
+
+    The ramp lets the early teacher track the quickly changing student (a = 0.5 at t = 1, 0.9 at t = 9) before the
+    momentum saturates at alpha (from t = 999 on for alpha = 0.999).
+    """
+    if t < 0:
+        raise ValueError(f"iteration t must be >= 0, got {t}")
+    return min(1.0 - 1.0 / (t + 1), alpha)
+
+
+@torch.no_grad()
+def update_ema(
+    teacher_params: Iterable[torch.Tensor],
+    student_params: Iterable[torch.Tensor],
+    t: int,
+    alpha: float,
+) -> None:
+    """In-place EMA of the teacher parameters toward the student's, in matching enumeration order.
+
+    Args:
+        teacher_params: teacher parameters (e.g. `teacher.parameters()`), updated in place.
+        student_params: student parameters in the same order and with the same shapes.
+        t: 0-based iteration index; t = 0 copies the student into the teacher.
+        alpha: EMA momentum (0.999 in the paper).
+    """
+    teacher: Sequence[torch.Tensor] = list(teacher_params)
+    student: Sequence[torch.Tensor] = list(student_params)
+    if len(teacher) != len(student):
+        raise ValueError(f"teacher has {len(teacher)} parameters but student has {len(student)}")
+    if not teacher:
+        return
+    # Operate on the raw storage: the teacher is never differentiated through, and the student's autograd state
+    # must not see these reads.
+    teacher = [p.detach() for p in teacher]
+    student = [p.detach() for p in student]
+    if t == 0:
+        # An exact copy (not 0·θ_T + 1·θ_S), so an uninitialised or non-finite teacher cannot leak through.
+        torch._foreach_copy_(teacher, student)
+        return
+    a = ema_weight(t, alpha)
+    # Same two-term form as the reference (a·θ_T + (1 − a)·θ_S) rather than lerp, to stay within an ulp of it.
+    torch._foreach_mul_(teacher, a)
+    torch._foreach_add_(teacher, student, alpha=1.0 - a)

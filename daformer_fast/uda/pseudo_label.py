@@ -1,0 +1,62 @@
+"""Teacher pseudo-labels and their confidence weight (DAFormer recipe §2.2 steps 5–6, §2.3; checklist item 2).
+
+The teacher's logits are upsampled (bilinear, align_corners=False) to the crop size *before* the softmax; the
+pseudo-label is the per-pixel argmax, kept even where the teacher is unsure (low-confidence pixels are not
+ignored). The confidence enters only through one scalar per batch,
+
+    q = #{pixels of the whole batch with max softmax ≥ threshold} / (B·H·W),
+
+used as the loss weight of every target pixel. Only after q is computed are the top `ignore_top` and bottom
+`ignore_bottom` rows zeroed (rectification border and ego vehicle); this happens before mixing, so source pixels
+pasted into those rows keep weight 1.
+
+q stays on the device as a tensor: the reference reads it with `.item()`, a host sync this version avoids.
+
+Shape legend: B batch, K classes, H/W crop resolution, h/w logit resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pseudo_label"]
+
+
+@torch.no_grad()
+def pseudo_label(
+    teacher_logits_BKhw: torch.Tensor,
+    size: tuple[int, int],
+    threshold: float,
+    ignore_top: int,
+    ignore_bottom: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-labels and per-pixel weights from teacher logits.
+
+    Args:
+        teacher_logits_BKhw: teacher scores at any resolution (detached; computed under no_grad).
+        size: (H, W) of the target crop.
+        threshold: inclusive softmax confidence threshold (0.968 in the paper).
+        ignore_top: number of top rows whose weight is set to 0.
+        ignore_bottom: number of bottom rows whose weight is set to 0.
+
+    Returns:
+        label_BHW: int64 argmax class per pixel.
+        weight_BHW: float32, q everywhere except the zeroed rows.
+    """
+    H, W = size
+    logits_BKHW = teacher_logits_BKhw
+    if tuple(logits_BKHW.shape[-2:]) != (H, W):
+        logits_BKHW = F.interpolate(logits_BKHW, size=(H, W), mode="bilinear", align_corners=False)
+    # fp32 softmax even under bf16 autocast: the 0.968 threshold sits where bf16 (8-bit mantissa) steps by ~0.004.
+    prob_BKHW = torch.softmax(logits_BKHW.float(), dim=1)
+    prob_BHW, label_BHW = prob_BKHW.max(dim=1)
+    # Count in int64 and divide in float64, as the reference does (`sum().item() / size` in Python), then round
+    # once to float32; a float32 mean could differ in the last bit.
+    num_confident = (prob_BHW >= threshold).sum()
+    q = (num_confident.double() / prob_BHW.numel()).float()
+    rows_H = torch.arange(H, device=prob_BHW.device)
+    keep_H = (rows_H >= ignore_top) & (rows_H < H - ignore_bottom)
+    weight_BHW = torch.where(keep_H.view(1, H, 1), q, torch.zeros((), device=q.device)).expand(label_BHW.shape[0], H, W)
+    # A real (not expanded) tensor: callers mix it with torch.where and may write into it.
+    return label_BHW, weight_BHW.contiguous()
