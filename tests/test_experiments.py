@@ -1,0 +1,157 @@
+"""Experiment sets (recipe §6): names, generated deltas that load back, unavailable runs reported with counts."""
+
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from daformer_fast import experiments
+from daformer_fast.config import Config, ConfigError, load_config
+from daformer_fast.experiments import EXPERIMENT_IDS, build_config, experiment_runs, main, write_experiment
+
+FINAL_GTA = "gta2cs_dacs_a999_fdthings_rcs001_cpl_daformer_sepaspp_mitb5_poly10warm_s0"
+
+# (total, unavailable) per ID, counted by hand from the §6.3 table. Available = MiT-B3/4/5 encoders with the
+# SegFormer, daformer_conv1, daformer_aspp or daformer_sepaspp decoder.
+EXPECTED_COUNTS = {
+    1: (5 * 3 * 3, 4 * 3 * 3),  # 5 architectures × {src-only, DACS, oracle} × 3 seeds; only SegFormer MiT-B5 exists
+    2: (2 * 2 * 3, 2 * 2 * 3),  # SegFormerAdapter+DLv3+ and R101+SegFormer: neither exists
+    3: (6 * 3, 4 * 3),  # DLv2-red with R50/S50/S101/S200 missing; SegFormer with MiT-B3/B4 available
+    4: (2 * 2, 1 * 2),  # DLv2-red R101 missing
+    5: (7 * 3, 1 * 3),  # six SegFormer rows available, the DLv2-red row missing
+    6: (7 * 2 * 3, 4 * 2 * 3),  # UperNet C=512, UperNet C=256, ISA fusion, context-only-at-F4 missing
+    7: (3, 0),
+    8: (2 * 3, 0),
+    100: (22, 16),  # available: SegFormer B3/B4/B5, daformer_conv1/aspp/sepaspp
+    101: (9, 0),
+}
+
+
+@pytest.mark.parametrize("exp", EXPERIMENT_IDS)
+def test_every_id_generates_files_that_load(exp, tmp_path):
+    written, unavailable = write_experiment(exp, tmp_path)
+    runs = experiment_runs(exp)
+    total, num_unavailable = EXPECTED_COUNTS[exp]
+    assert (len(runs), len(unavailable), len(written)) == (total, num_unavailable, total - num_unavailable)
+    assert len({r.name for r in runs}) == total  # names are unique within a set
+    by_name = {r.name: r for r in runs}
+    for path in written:
+        assert path.parent == tmp_path / f"exp{exp}"
+        cfg = load_config(path)
+        assert cfg == build_config(by_name[path.stem])
+        assert cfg.train.work_dir == f"work_dirs/exp{exp}/{path.stem}"
+
+
+def test_final_gta_run_is_the_default_config(tmp_path):
+    written, _ = write_experiment(6, tmp_path)
+    path = tmp_path / "exp6" / f"{FINAL_GTA}.yaml"
+    assert path in written
+    # Config defaults are the final recipe, so the delta holds only the work dir.
+    assert load_config(path) == load_config(None, [f"train.work_dir=work_dirs/exp6/{FINAL_GTA}"])
+    body = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert body == [f"train: {{work_dir: work_dirs/exp6/{FINAL_GTA}}}"]
+
+
+def test_names_follow_the_reference_rule():
+    names = {r.name for r in experiment_runs(5)}
+    assert "gta2cs_dacs_rcsinf_segformer_mitb5_poly10warm_s1" in names
+    assert "gta2cs_dacs_fdthings_rcs001_segformer_mitb5_poly10warm_s2" in names
+    assert "gta2cs_source-only_segformer_mitb3_poly10warm_s0" in {r.name for r in experiment_runs(3)}
+    # The baselines drop the RCS / PL-crop parts of the name even where the set enables them.
+    assert "gta2cs_target-only_daformer_aspp_mitb5_poly10warm_s0" in {r.name for r in experiment_runs(6)}
+    assert "gta2cs_dacs_segformer_mitb5_poly10_s0" in {r.name for r in experiment_runs(4)}
+
+
+def test_exp7_is_synthia_and_exp8_is_acdc_and_darkzurich():
+    runs7 = experiment_runs(7)
+    assert [r.name for r in runs7] == [FINAL_GTA.replace("gta2cs", "syn2cs")[:-1] + s for s in "012"]
+    cfg = build_config(runs7[0])
+    assert (cfg.data.source.name, cfg.data.source.scale, cfg.data.target.name) == ("synthia", (1280, 760), "cityscapes")
+
+    runs8 = experiment_runs(8)
+    assert {r.name.split("_")[0] for r in runs8} == {"cs2acdc", "cs2dzur"}
+    for run in runs8:
+        cfg = build_config(run)
+        assert cfg.data.source.name == "cityscapes" and cfg.data.target.name == cfg.data.val.name
+        assert cfg.data.target.name in ("acdc", "darkzurich") and cfg.data.target.scale == (960, 540)
+        assert cfg.data.rcs.enabled and cfg.uda.pseudo_weight_ignore_bottom == 120
+
+
+def test_uda_variants_map_to_config():
+    by_uda = {(r.uda, r.rcs_temp): build_config(r) for r in experiment_runs(101)}
+    dacs = by_uda[("dacs", None)]
+    assert (dacs.uda.alpha, dacs.uda.fd_lambda, dacs.data.rcs.enabled, dacs.uda.pseudo_weight_ignore_top) == (
+        0.99, 0.0, False, 0,
+    )  # fmt: skip
+    assert math.isinf(by_uda[("dacs", math.inf)].data.rcs.class_temp)
+    assert by_uda[("dacs_fd", None)].uda.fd_classes is None and by_uda[("dacs_fd", None)].uda.fd_lambda == 0.005
+    assert by_uda[("dacs_fdthings", 0.01)].uda.fd_classes == Config().uda.fd_classes
+    target_only = by_uda[("target-only", None)]
+    # The oracle trains on the labelled target side, which the loader reads from data.target.
+    assert target_only.uda.mode == "target_only" and target_only.data.target == Config().data.target
+    assert by_uda[("source-only", None)].uda.mode == "source_only"
+    for cfg in by_uda.values():
+        assert (cfg.train.max_iters, cfg.train.checkpoint_interval, cfg.train.eval_interval) == (2, 2, 100)
+
+
+def test_poly10_schedule_has_no_warmup_and_min_lr_1e4():
+    cfg = build_config(experiment_runs(4)[-1])
+    assert (cfg.schedule.warmup, cfg.schedule.min_lr) == ("none", 1e-4)
+
+
+def test_list_reports_unavailable(capsys, tmp_path):
+    assert main(["--exp", "6", "--list", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    out = "\n".join(lines)
+    assert sum(x.startswith("unavailable: ") for x in lines) == 24
+    assert sum(x.startswith("available: ") for x in lines) == 18
+    assert "unavailable: gta2cs_target-only_upernet_ch256_mitb5_poly10warm_s2 (UperNet" in out
+    assert "exp 6: 42 runs, 18 available, 24 unavailable" in out
+    assert "PhotoMetricDistortion" in out  # the oracle rows' known deviation
+    assert not any(tmp_path.iterdir())  # --list writes nothing
+
+
+def test_unknown_id_lists_valid_ones(capsys):
+    assert main(["--exp", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment id 9" in err and "1, 2, 3, 4, 5, 6, 7, 8, 100, 101" in err
+    with pytest.raises(ConfigError):
+        experiment_runs(0)
+
+
+def test_bad_override_is_a_short_error(capsys, tmp_path):
+    assert main(["--exp", "7", "--out", str(tmp_path), "--set", "train.no_such_key=1"]) == 2
+    assert "unknown key train.no_such_key" in capsys.readouterr().err
+
+
+def test_overrides_reach_every_file(tmp_path):
+    assert main(["--exp", "8", "--out", str(tmp_path), "--set", "data.source.root=/mnt/cs"]) == 0
+    files = sorted((tmp_path / "exp8").glob("*.yaml"))
+    assert len(files) == 6 and all(load_config(f).data.source.root == "/mnt/cs" for f in files)
+
+
+def test_torchrun_prints_one_line_per_config(capsys, tmp_path):
+    assert main(["--exp", "101", "--out", str(tmp_path), "--torchrun", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 9
+    assert all(line.startswith("torchrun --standalone --nproc_per_node=4 -m daformer_fast.train ") for line in lines)
+    assert all(Path(line.split()[-1]).is_file() for line in lines)
+
+
+def test_run_calls_train_main_per_config(monkeypatch, tmp_path):
+    calls = []
+    fake = types.ModuleType("daformer_fast.train")
+    fake.main = lambda argv: calls.append(argv) or (1 if len(calls) == 2 else 0)
+    monkeypatch.setitem(sys.modules, "daformer_fast.train", fake)
+    assert main(["--exp", "7", "--out", str(tmp_path), "--run"]) == 1  # the second run "failed"; all three ran
+    assert [Path(a[0]).name for a in calls] == [r.name + ".yaml" for r in experiment_runs(7)]
+
+
+def test_unavailable_run_cannot_be_built():
+    run = next(r for r in experiment_runs(1) if r.architecture == "dlv2red")
+    with pytest.raises(ConfigError, match="DeepLabV2"):
+        build_config(run)
+    assert "ResNet-101" in run.unavailable_reason
+    assert experiments.BASELINE_NOTE.startswith("known deviation")
