@@ -28,14 +28,15 @@ class Segmentor(nn.Module):
         self.decode_head = decode_head
         self.num_classes = num_classes
 
-    def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        """Logits at stride 4."""
-        return self.decode_head(self.backbone(x_B3HW))
+    def forward(self, x_B3HW: torch.Tensor, with_features: bool = False):
+        """Logits at stride 4; with `with_features`, also the four encoder maps (the feature distance reuses the
+        last one). A flag rather than a second method, so DDP and torch.compile wrappers reach both."""
+        feats = self.backbone(x_B3HW)
+        logits = self.decode_head(feats)
+        return (logits, feats) if with_features else logits
 
     def forward_with_features(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits at stride 4 and the four encoder maps (the feature distance reuses the last one)."""
-        feats = self.backbone(x_B3HW)
-        return self.decode_head(feats), feats
+        return self(x_B3HW, with_features=True)
 
     @torch.no_grad()
     def predict(self, x_B3HW: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:

@@ -1,0 +1,266 @@
+"""One DAFormer training iteration (recipe §2.2): the mean-teacher self-training step with ClassMix, strong
+augmentation, ImageNet feature distance and rare-class-sampled source batches.
+
+    step = UDAStep(cfg, student, optimizer, device=device)
+    out = step(batch, t)        # dict of 0-dim device tensors: loss_src, loss_fd, loss_mix, pseudo_weight, skipped
+
+Two paths compute the same thing (`train.path`):
+- `fast`: batched stages, no host synchronisation inside the step, the source CE and FD backward fused into one
+  (author-endorsed, recipe §8b), bf16 autocast when `train.precision=bf16`, torch.compile of the networks when
+  `train.compile`, fused AdamW whose update is skipped on the device when a gradient is non-finite.
+- `reference`: fp32 eager, the original's order — per-sample ClassMix and augmentation loops, three separate
+  backward passes, the pseudo-label weight read back to the host, the for-loop AdamW.
+From the same state, seed and batch the two give the same losses and weights (tests/test_train_step.py).
+
+Randomness: every draw of iteration t comes from (seed, rank, t) — a CPU generator for ClassMix and the strong
+augmentation, and the global torch RNG (DropPath, Dropout2d) reseeded at the start of the step — so a resumed run
+repeats an uninterrupted one and ranks differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from daformer_fast.config import Config
+from daformer_fast.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from daformer_fast.models.mit import DropPath, MixVisionTransformer
+from daformer_fast.models.segmentor import Segmentor, param_groups
+from daformer_fast.uda.augment import strong_transform, strong_transform_reference
+from daformer_fast.uda.classmix import class_masks, class_masks_reference, mix
+from daformer_fast.uda.ema import update_ema
+from daformer_fast.uda.fdist import feature_distance
+from daformer_fast.uda.losses import seg_ce_loss
+from daformer_fast.uda.pseudo_label import pseudo_label
+from daformer_fast.uda.schedule import set_lrs
+
+__all__ = ["UDAStep", "build_optimizer", "step_seed"]
+
+
+def step_seed(seed: int, rank: int, t: int) -> int:
+    """The seed of iteration t's step-level draws (distinct from the loaders' per-sample streams)."""
+    return int(np.random.SeedSequence([seed, rank, t, 7]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def build_optimizer(cfg: Config, student: Segmentor, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the student only (recipe §1.4: the teacher and ImageNet copies never receive gradients)."""
+    groups = param_groups(student, cfg.optim)
+    opts = {"fused": True} if fused else {"foreach": False}  # reference: torch's per-parameter loop
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, **opts)
+
+
+def _teacher_inference_mode(teacher: nn.Module) -> None:
+    """Dropout and DropPath off, BatchNorm left in training mode (batch statistics of the target crops, recipe
+    §2.3); called after every `.train()` of the owner."""
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd | DropPath):
+            m.training = False
+
+
+class UDAStep:
+    """Owns the teacher and the frozen ImageNet encoder next to the (possibly DDP-wrapped) student."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        student: Segmentor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        student_fwd: Callable | None = None,
+    ) -> None:
+        self.cfg, self.uda, self.student, self.optimizer = cfg, cfg.uda, student, optimizer
+        self.device, self.rank = device, rank
+        self.reference = cfg.train.path == "reference"
+        # The callable that runs the student: DDP and/or torch.compile wrappers of the same module.
+        self.student_fwd = student_fwd or student
+        self.no_sync = getattr(student_fwd, "no_sync", contextlib.nullcontext)
+        self.teacher: Segmentor | None = None
+        self.imnet: MixVisionTransformer | None = None
+        if self.uda.mode == "dacs":
+            self.teacher = copy.deepcopy(student)
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+            if self.uda.fd_lambda > 0:
+                # A frozen copy of the encoder as initialised (ImageNet weights when `model.pretrained` is set).
+                self.imnet = copy.deepcopy(student.backbone).eval()
+                for p in self.imnet.parameters():
+                    p.requires_grad_(False)
+        self.teacher_fwd: Callable | None = self.teacher
+        self.imnet_fwd: Callable | None = self.imnet
+        if cfg.train.compile and not self.reference:
+            self.student_fwd = torch.compile(self.student_fwd)
+            self.teacher_fwd = self.teacher and torch.compile(self.teacher)
+            self.imnet_fwd = self.imnet and torch.compile(self.imnet)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.bf16 = cfg.train.precision == "bf16" and not self.reference
+        self.debug: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Pieces shared by both paths.
+
+    def train(self) -> None:
+        self.student.train()
+        if self.teacher is not None:
+            self.teacher.train()
+            _teacher_inference_mode(self.teacher)
+
+    def _autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _normalize(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        return (img_B3HW.to(self.device, non_blocking=True).float() - self.mean) / self.std
+
+    def _begin(self, t: int) -> torch.Generator:
+        """LR of iteration t, cleared gradients, reseeded randomness; the step's CPU generator."""
+        seed = step_seed(self.cfg.train.seed, self.rank, t)
+        torch.manual_seed(seed)  # DropPath / Dropout2d of the student's forward passes
+        set_lrs(self.optimizer, t, self.cfg.schedule, self.cfg.train.max_iters)
+        self.optimizer.zero_grad(set_to_none=True)
+        return torch.Generator().manual_seed(seed)
+
+    def _feature_distance(self, img: torch.Tensor, feat_student: torch.Tensor, gt: torch.Tensor):
+        with torch.no_grad():
+            feat_imnet = self.imnet_fwd(img)[-1]
+        dist, mask = feature_distance(
+            feat_student, feat_imnet, gt, self.uda.fd_classes, self.uda.fd_scale_min_ratio,
+            self.cfg.model.num_classes,
+        )  # fmt: skip
+        return self.uda.fd_lambda * dist, mask
+
+    @torch.no_grad()
+    def _pseudo_labels(self, target_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.teacher_fwd(target_img)
+        return pseudo_label(
+            logits, tuple(target_img.shape[-2:]), self.uda.pseudo_threshold,
+            self.uda.pseudo_weight_ignore_top, self.uda.pseudo_weight_ignore_bottom,
+        )  # fmt: skip
+
+    def _optimizer_step(self, loss_total: torch.Tensor) -> torch.Tensor:
+        """Apply the update unless a loss or gradient is non-finite; returns 1.0 if skipped, else 0.0."""
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        found_inf = (~torch.isfinite(loss_total.detach())).float().reshape(())
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones((), device=found_inf.device))
+        if self.optimizer.defaults.get("fused"):
+            # The fused kernel skips the update (and the step count) on the device when found_inf is set:
+            # the guard costs no host synchronisation (the mechanism torch's GradScaler uses).
+            self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
+            self.optimizer.step()
+        elif found_inf.item() == 0:  # reference path: a host read, as the original's logging does anyway
+            self.optimizer.step()
+        return found_inf
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The step.
+
+    def __call__(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict[str, torch.Tensor]:
+        if self.uda.mode != "dacs":
+            return self.supervised_step(batch, t)
+        if self.reference:
+            return self.dacs_step_reference(batch, t, debug)
+        return self.dacs_step(batch, t, debug)
+
+    def supervised_step(self, batch: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+        """Source-only / target-only baselines: plain supervised training on the labelled side."""
+        self._begin(t)
+        img, gt = self._normalize(batch["img"]), batch["gt"].to(self.device, non_blocking=True)
+        with self._autocast():
+            loss_src = seg_ce_loss(self.student_fwd(img), gt)
+        loss_src.backward()
+        return {"loss_src": loss_src.detach(), "skipped": self._optimizer_step(loss_src)}
+
+    def dacs_step(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict[str, torch.Tensor]:
+        """DAFormer's iteration, batched and free of host synchronisation."""
+        gen = self._begin(t)
+        update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
+        img, tgt = self._normalize(batch["img"]), self._normalize(batch["target_img"])
+        gt = batch["gt"].to(self.device, non_blocking=True)
+
+        # Source: supervised loss + ImageNet feature distance, one backward (no gradient all-reduce yet).
+        with self.no_sync(), self._autocast():
+            logits_src, feats = self.student_fwd(img, with_features=True)
+            loss_src = seg_ce_loss(logits_src, gt)
+            loss_fd, fd_mask = self._feature_distance(img, feats[-1], gt) if self.imnet else (img.new_zeros(()), None)
+            (loss_src + loss_fd).backward()
+
+        # Target: teacher pseudo-labels, ClassMix with the source, strong augmentation; weighted loss.
+        with self._autocast():
+            pl, pw = self._pseudo_labels(tgt)
+        mask = class_masks(gt, gen)
+        mixed_img = strong_transform(mix(mask, img, tgt), self.mean, self.std, gen, self.uda)
+        mixed_lbl = mix(mask, gt, pl)
+        mixed_w = mix(mask, torch.ones_like(pw), pw)
+        with self._autocast():
+            loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
+        loss_mix.backward()
+
+        skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
+        if debug:
+            self.debug = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
+                              mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
+        return {
+            "loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach(),
+            "pseudo_weight": pw.amax(), "skipped": skipped,
+        }  # fmt: skip
+
+    def dacs_step_reference(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict:
+        """The same iteration in the original's order: three backward passes, per-sample loops, host reads."""
+        gen = self._begin(t)
+        update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
+        img, tgt = self._normalize(batch["img"]), self._normalize(batch["target_img"])
+        gt = batch["gt"].to(self.device)
+
+        with self.no_sync():
+            logits_src, feats = self.student_fwd(img, with_features=True)
+            loss_src = seg_ce_loss(logits_src, gt)
+            loss_src.backward(retain_graph=self.imnet is not None)  # FD reuses the encoder graph
+            loss_fd, fd_mask = img.new_zeros(()), None
+            if self.imnet is not None:
+                loss_fd, fd_mask = self._feature_distance(img, feats[-1], gt)
+                loss_fd.backward()
+
+        pl, pw = self._pseudo_labels(tgt)
+        q = pw.amax().item()  # the original reads the confident fraction back as a Python float
+        masks = class_masks_reference(gt, gen)
+        mixed = [mix(masks[i : i + 1], img[i : i + 1], tgt[i : i + 1]) for i in range(img.shape[0])]
+        mixed_img = strong_transform_reference(torch.cat(mixed), self.mean, self.std, gen, self.uda)
+        mixed_lbl = torch.cat([mix(masks[i : i + 1], gt[i : i + 1], pl[i : i + 1]) for i in range(img.shape[0])])
+        mixed_w = torch.cat([mix(masks[i : i + 1], torch.ones_like(pw[i : i + 1]), pw[i : i + 1])
+                             for i in range(img.shape[0])])  # fmt: skip
+        loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
+        loss_mix.backward()
+
+        skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
+        if debug:
+            self.debug = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=masks,
+                              mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
+        return {
+            "loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach(),
+            "pseudo_weight": torch.tensor(q), "skipped": skipped,
+        }  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------------------
+    # State for checkpoints (the optimizer is saved by the caller).
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        if self.imnet is not None:
+            state["imnet"] = self.imnet.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.teacher is not None and "teacher" in state:
+            self.teacher.load_state_dict(state["teacher"])
+        if self.imnet is not None and "imnet" in state:
+            self.imnet.load_state_dict(state["imnet"])

@@ -1,0 +1,143 @@
+"""The whole UDA step: fast path against the reference path, the NaN guard, baselines and reproducibility."""
+
+import copy
+
+import pytest
+import torch
+
+from daformer_fast.config import parse_config
+from daformer_fast.models import build_segmentor
+from daformer_fast.uda.dacs import UDAStep, build_optimizer, step_seed
+
+B, H, W = 2, 64, 64
+
+
+def _cfg(path="fast", mode="dacs", **train):
+    return parse_config({
+        "model": {"backbone": "mit_b0", "pretrained": None},
+        # A low threshold so that a random teacher yields a non-zero pseudo-label weight; PL crop scaled to 64 rows.
+        "uda": {"mode": mode, "pseudo_threshold": 0.06, "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8},
+        "train": {"max_iters": 4000, "path": path, **train},
+    })  # fmt: skip
+
+
+def _batch(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # 32-pixel label blocks, so the 1/32 FD grid has pure thing-class cells (classes 11..18) and stuff cells.
+    gt = torch.randint(0, 19, (B, H // 32, W // 32), generator=g)
+    gt[0, 0, 0], gt[1, 1, 1] = 13, 11
+    gt = gt.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    gt[0, :5] = 255
+    return {
+        "img": torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8),
+        "target_img": torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8),
+        "gt": gt,
+    }
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch.manual_seed(0)
+    return build_segmentor(_cfg().model)
+
+
+def _run(cfg, model, ts, batches):
+    student = copy.deepcopy(model)
+    step = UDAStep(cfg, student, build_optimizer(cfg, student, fused=cfg.train.path == "fast"), device=torch.device("cpu"))
+    step.train()
+    outs = [step(b, t) for t, b in zip(ts, batches)]
+    return step, outs
+
+
+@pytest.mark.parametrize("t", [0, 1600], ids=["warmup-start", "after-warmup"])
+def test_fast_equals_reference(base_model, t):
+    """One step of both paths from the same state, seed and batch."""
+    ts, batches = [t], [_batch(1)]
+    ref, ref_out = _run(_cfg("reference"), base_model, ts, batches)
+    fast, fast_out = _run(_cfg("fast"), base_model, ts, batches)
+    for r, f in zip(ref_out, fast_out):
+        assert set(r) == set(f)
+        for k in r:
+            torch.testing.assert_close(f[k].float(), r[k].float(), rtol=1e-5, atol=1e-7, msg=k)
+    # Every term is active, so the comparison covers each stage.
+    assert ref_out[0]["loss_fd"] > 0 and ref_out[0]["pseudo_weight"] > 0 and ref_out[0]["loss_mix"] > 0
+    # The gradients agree to 1e-5 of each tensor's scale (fused vs separate backward passes only
+    # change the summation order).
+    for (name, a), (_, b) in zip(ref.student.named_parameters(), fast.student.named_parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max(), name
+    # Weights: 1e-5 relative, plus 2% of one lr step. Adam's first update is lr·g/(|g| + eps), so the ~1e-10
+    # rounding differences of gradients near zero move a weight by up to ~1% of lr (a property of Adam, the same
+    # between two runs of the reference with another summation order).
+    lr = max(g["lr"] for g in ref.optimizer.param_groups)
+    for (name, a), (_, b) in zip(ref.student.named_parameters(), fast.student.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0.02 * lr, msg=name)
+    for (name, a), (_, b) in zip(ref.teacher.state_dict().items(), fast.teacher.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_paths_stay_together_over_steps(base_model):
+    batches = [_batch(10 + i) for i in range(3)]
+    _, ref_out = _run(_cfg("reference"), base_model, [1600, 1601, 1602], batches)
+    _, fast_out = _run(_cfg("fast"), base_model, [1600, 1601, 1602], batches)
+    for r, f in zip(ref_out, fast_out):
+        for k in r:
+            torch.testing.assert_close(f[k].float(), r[k].float(), rtol=1e-3, atol=1e-6, msg=k)
+
+
+def test_step_changes_weights_and_follows_lr(base_model):
+    cfg = _cfg()
+    step, _ = _run(cfg, base_model, [1600], [_batch(3)])
+    lrs = {g["name"]: g["lr"] for g in step.optimizer.param_groups}
+    assert lrs["backbone"] == pytest.approx(6e-5 * (1 - 1600 / 4000))
+    assert lrs["head"] == pytest.approx(10 * lrs["backbone"])
+    moved = [not torch.equal(a, b) for a, b in zip(base_model.parameters(), step.student.parameters())]
+    assert all(moved)
+    # The teacher was copied at construction and EMA-updated at t=1600 before the student moved: still the init.
+    for a, b in zip(base_model.parameters(), step.teacher.parameters()):
+        torch.testing.assert_close(b, a)
+
+
+def test_same_seed_same_step_bitwise(base_model):
+    _, a = _run(_cfg(), base_model, [5], [_batch(4)])
+    _, b = _run(_cfg(), base_model, [5], [_batch(4)])
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    _, c = _run(_cfg(seed=1), base_model, [5], [_batch(4)])
+    assert not torch.equal(a[0]["loss_mix"], c[0]["loss_mix"])  # other seed: other dropout/mix draws
+
+
+def test_step_seed_differs_by_rank_and_step():
+    seeds = {step_seed(0, r, t) for r in range(3) for t in range(50)}
+    assert len(seeds) == 150
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_non_finite_loss_skips_update(base_model, path):
+    cfg = _cfg(path)
+    batch = _batch(5)
+    batch["img"] = batch["img"].clone()
+    step, _ = _run(cfg, base_model, [], [])
+    before = [p.detach().clone() for p in step.student.parameters()]
+    # A NaN weight in the classifier makes every loss non-finite.
+    with torch.no_grad():
+        step.student.decode_head.conv_seg.weight[0, 0] = float("nan")
+    out = step(batch, 1600)
+    assert out["skipped"] == 1
+    for p0, p in zip(before, step.student.parameters()):
+        torch.testing.assert_close(p[p == p], p0[p == p])  # nothing but the injected NaN differs
+    state = step.optimizer.state
+    assert all(float(s["step"]) == 0 for s in state.values())  # the skipped update is not counted either
+
+
+@pytest.mark.parametrize("mode", ["source_only", "target_only"])
+def test_supervised_baselines(base_model, mode):
+    cfg = _cfg(mode=mode)
+    step, (out,) = _run(cfg, base_model, [1600], [_batch(6)])
+    assert step.teacher is None and step.imnet is None
+    assert set(out) == {"loss_src", "skipped"} and out["loss_src"] > 0 and out["skipped"] == 0
+
+
+def test_bf16_step_runs_close_to_fp32(base_model):
+    _, (f32,) = _run(_cfg(), base_model, [1600], [_batch(7)])
+    _, (b16,) = _run(_cfg(precision="bf16"), base_model, [1600], [_batch(7)])
+    for k in ("loss_src", "loss_mix"):
+        torch.testing.assert_close(b16[k], f32[k], rtol=5e-2, atol=1e-2)
