@@ -92,7 +92,9 @@ class DatasetConfig:
 class RCSConfig:
     enabled: bool = True
     min_pixels: int = 3000
-    """An image is a candidate for class c if it has more than this many pixels of c (original resolution)."""
+    """An image is a candidate for class c if it has more than this many pixels of c (original resolution). 3000 is
+    for GTA's 1914x1052 labels; scale it by label area for other sizes (`convert_datasets folder` prints the value,
+    `daformer_fast.data.rcs.suggest_min_pixels`)."""
     class_temp: float = 0.01
     """Temperature T in P(c) ∝ exp(-f_c / T); use a large value for uniform class sampling."""
     min_crop_ratio: float = 0.5
@@ -214,6 +216,13 @@ class Config:
             )
         if len(self.data.palette) != len(self.data.classes):
             raise ConfigError(f"data.palette has {len(self.data.palette)} colours for {len(self.data.classes)} classes")
+        bad = [c for c in self.uda.fd_classes or () if not 0 <= c < self.model.num_classes]
+        if bad:
+            # The default thing classes are Cityscapes train ids; a custom dataset lists its own (or null = all).
+            raise ConfigError(
+                f"uda.fd_classes {bad} are not class ids 0..{self.model.num_classes - 1}; list this dataset's thing "
+                f"classes or set uda.fd_classes: null"
+            )
         for name in ("max_iters", "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints"):
             if getattr(self.train, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")

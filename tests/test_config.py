@@ -118,7 +118,7 @@ def test_bad_file_errors(tmp_path):
 
 
 def test_custom_classes_with_matching_num_classes():
-    cfg = parse_config({"model": {"num_classes": 2},
+    cfg = parse_config({"model": {"num_classes": 2}, "uda": {"fd_classes": [1]},
                         "data": {"classes": ["bg", "fg"], "palette": [[0, 0, 0], [255, 0, 0]]}})  # fmt: skip
     assert cfg.data.classes == ("bg", "fg") and cfg.data.palette[1] == (255, 0, 0)
 

@@ -238,3 +238,56 @@ def test_converter_output_is_independent_of_root_location(tmp_path):
     convert("gta", tmp_path / "b", quiet=True)
     for name in JSON_FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_interrupted_run_leftovers_are_never_labels(tmp_path):
+    """Temporary files of a killed run (this version's hidden `.x.tmp`, older versions' `x.tmp.png`) and macOS
+    `._x.png` resource forks: not converted, not counted; a re-run finishes the interrupted file."""
+    _make_gta(tmp_path)
+    labels = tmp_path / "labels"
+    _palette_png(labels / "00003.png", np.array([[7, 26]]))
+    (labels / "00003_labelTrainIds.png.tmp.png").write_bytes(b"half a png")
+    (labels / ".00003_labelTrainIds.png.tmp").write_bytes(b"half a png")
+    (labels / "._00004.png").write_bytes(b"\x00\x05\x16\x07")
+    assert convert("gta", tmp_path, quiet=True) == 3
+    np.testing.assert_array_equal(_read(labels / "00003_labelTrainIds.png"), [[0, 13]])
+    files = [s["file"] for s in json.loads((tmp_path / "sample_class_stats.json").read_text())]
+    assert files == [L1, L2, "labels/00003_labelTrainIds.png"]
+    # Synthia takes every PNG that is not a train-id file: the old leftover name used to pass that test.
+    syn = tmp_path / "synthia" / "GT" / "LABELS"
+    syn.mkdir(parents=True)
+    assert cv2.imwrite(str(syn / "0000001.png"), np.full((2, 2, 3), 3, np.uint16))
+    (syn / "0000001_labelTrainIds.png.tmp.png").write_bytes(b"half a png")
+    (syn / "._0000001.png").write_bytes(b"\x00\x05\x16\x07")
+    assert convert("synthia", tmp_path / "synthia", quiet=True) == 1
+    assert sorted(p.name for p in syn.iterdir() if p.name.endswith("_labelTrainIds.png")) == [
+        "0000001_labelTrainIds.png"]  # fmt: skip
+    # Folder datasets: hidden folders (e.g. .ipynb_checkpoints copies) are skipped as the dataset scan does.
+    folder = tmp_path / "folder" / "labels"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.array([[0, 1]], np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.array([[0, 1]], np.uint8)).save(folder / "a.tmp.png")
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.array([[0, 1]], np.uint8)).save(folder / ".ipynb_checkpoints" / "a.png")
+    assert convert("folder", tmp_path / "folder", num_classes=2, quiet=True) == 1
+
+
+def test_label_files_are_closed(tmp_path, monkeypatch):
+    """Every label file the converter opens is closed again, also when it is rejected."""
+    import daformer_fast.tools.convert_datasets as mod
+
+    opened, real_open = [], Image.open
+
+    def recording_open(*args, **kwargs):
+        im = real_open(*args, **kwargs)
+        opened.append(im)
+        return im
+
+    _make_gta(tmp_path / "gta")
+    monkeypatch.setattr(mod.Image, "open", recording_open)
+    convert("gta", tmp_path / "gta", quiet=True)  # converts, then the idempotent re-read
+    convert("gta", tmp_path / "gta", quiet=True)
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "gta" / "labels" / "00009.png")  # RGB: rejected
+    with pytest.raises(ValueError, match="expected a palette or grayscale"):
+        convert("gta", tmp_path / "gta", quiet=True)
+    assert len(opened) >= 5 and all(im.fp is None for im in opened)

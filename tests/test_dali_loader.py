@@ -70,7 +70,7 @@ def test_dali_equals_torch_dacs_rcs(bench):
     pytest.importorskip("nvidia.dali")
     data = _data(bench)
     ref = _run(data)
-    assert set(ref[0]) == {"img", "gt", "target_img", "rcs_class", "failed"}
+    assert set(ref[0]) == {"img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw"}
     assert (torch.cat([b["rcs_class"] for b in ref]) >= 0).all()  # RCS is on
     _assert_same(ref, _run(data, loader="dali"))
 
@@ -83,6 +83,8 @@ def test_dali_equals_torch_modes_with_padding(bench, mode):
     data = _data(bench, crop=(64, 64))
     ref = _run(data, mode)
     assert (ref[0]["gt"] == 255).any()
+    # 112x56 source, 96x48 target: only the rows below the real pixels are padding.
+    assert ref[0]["valid_hw"].tolist() == [[56 if mode == "source_only" else 48, 64]] * 2
     _assert_same(ref, _run(data, mode, plan_workers=1))
 
 

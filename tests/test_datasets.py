@@ -206,3 +206,13 @@ def test_resize_image_and_label():
     lbl = np.random.default_rng(1).choice(np.array([0, 5, 255], dtype=np.uint8), size=(48, 96))
     small = resize_label(lbl, (64, 32))
     assert small.shape == (32, 64) and set(np.unique(small)) <= {0, 5, 255}  # nearest: no blended ids
+
+
+def test_hidden_files_and_conversion_leftovers_are_not_samples(tmp_path):
+    _png(tmp_path / "images" / "00001.png")
+    _png(tmp_path / "labels" / "00001_labelTrainIds.png", channels=1)
+    _png(tmp_path / "images" / "00002.tmp.png")  # a copy tool's or an old converter's temporary file
+    _png(tmp_path / "images" / "._00001.png")  # macOS resource fork
+    _png(tmp_path / "images" / ".ipynb_checkpoints" / "00003.png")
+    samples = list_samples(DatasetConfig(name="gta", root=str(tmp_path)))
+    assert [s.name for s in samples] == ["00001"]

@@ -236,6 +236,20 @@ def test_normalize():
     np.testing.assert_allclose(zero, [-2.117904, -2.035714, -1.804444], atol=1e-5)
 
 
+def test_normalize_zeroes_padding():
+    """The reference pads after Normalize with 0 (recipe §1.3): padded pixels are exactly 0, not -mean/std."""
+    x = torch.randint(0, 256, (3, 3, 5, 6), dtype=torch.uint8)
+    valid = torch.tensor([[5, 6], [3, 6], [2, 4]])  # sample 0 unpadded; 1 padded below; 2 below and right
+    out = normalize(x, valid)
+    ref = normalize(x)
+    assert torch.equal(out[0], ref[0])
+    assert torch.equal(out[1, :, :3], ref[1, :, :3]) and (out[1, :, 3:] == 0).all()
+    assert torch.equal(out[2, :, :2, :4], ref[2, :, :2, :4])
+    assert (out[2, :, 2:] == 0).all() and (out[2, :, :, 4:] == 0).all()
+    assert not torch.signbit(out).logical_and(out == 0).any()  # +0.0, not -0.0
+    assert torch.equal(normalize(x, torch.tensor([[5, 6]] * 3)), ref)  # nothing padded: the host-side shortcut
+
+
 @pytest.mark.parametrize(
     "size, scale, expected",
     [((1914, 1052), (1280, 720), (1280, 704)),  # GTA, f = 1280/1914

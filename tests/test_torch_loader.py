@@ -57,12 +57,14 @@ def test_batch_contract(bench):
     batches = _batches(ds, 0, 3)
     assert len(batches) == 3
     for batch in batches:
-        assert set(batch) == {"img", "gt", "target_img", "rcs_class", "failed"}
+        assert set(batch) == {"img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw"}
         assert batch["img"].dtype == torch.uint8 and batch["img"].shape == (B, 3, 32, 32)
         assert batch["target_img"].dtype == torch.uint8 and batch["target_img"].shape == (B, 3, 32, 32)
         assert batch["gt"].dtype == torch.int64 and batch["gt"].shape == (B, 32, 32)
         assert batch["rcs_class"].dtype == torch.int64 and batch["rcs_class"].shape == (B,)
         assert batch["failed"].dtype == torch.int64 and batch["failed"].tolist() == [0] * B
+        for k in ("valid_hw", "target_valid_hw"):  # images are larger than the crop: nothing padded
+            assert batch[k].dtype == torch.int64 and batch[k].tolist() == [[32, 32]] * B
         values = set(batch["gt"].unique().tolist())
         assert values <= set(range(19)) | {255} and values - {255}
         assert set(batch["rcs_class"].tolist()) <= set(ds.rcs.classes.tolist())
@@ -117,7 +119,7 @@ def test_source_only_mode(bench):
     ds = _dataset(bench, "source_only")
     assert ds.rcs is None and ds.other is None
     batch = _batches(ds, 0, 1)[0]
-    assert set(batch) == {"img", "gt", "rcs_class", "failed"}
+    assert set(batch) == {"img", "gt", "rcs_class", "failed", "valid_hw"}
     assert batch["rcs_class"].tolist() == [-1] * B
     # Without RCS: a uniform image index, then the cat_max_ratio crop; replayed by hand.
     for j in range(B):
@@ -262,3 +264,14 @@ def test_synthetic_rare_classes_are_rare(tmp_path):
     for rare in (15, 16, 17):  # bus, train, motorcycle
         assert 0 < n_images.get(rare, 0) < 0.15 * 150, (rare, n_images)
     assert set(n_images) == set(range(19))  # every class occurs somewhere
+
+
+def test_synthetic_source_only_and_bad_counts(tmp_path, capsys):
+    from daformer_fast.tools.make_synthetic import main as make_main
+
+    args = ["--n-source", "2", "--n-target", "0", "--n-val", "0", "--size", "64x32"]
+    assert make_main([str(tmp_path / "s"), *args]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["source"]
+    assert len(json.loads((tmp_path / "s" / "source" / "sample_class_stats.json").read_text())) == 2
+    assert make_main([str(tmp_path / "e"), "--n-source", "0"]) == 2
+    assert "n_source >= 1" in capsys.readouterr().err

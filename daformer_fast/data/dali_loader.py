@@ -10,9 +10,9 @@ Division of work:
   the label only. The host decodes and resizes the label (Pillow + nearest resize: cheap), crops it and reads
   the image's size from its header. It never decodes an image.
 - DALI: image file read and decode (PNG is decoded by CPU threads inside DALI even on a GPU; only JPEG has a
-  GPU decoder), resize of the crop window only, flip, pad, HWC → CHW; on the GPU when the loader's device is CUDA (`mixed`
-  decoder, `gpu` operators), on the CPU otherwise. One graph: operators take the device as a parameter, so the
-  CPU graph the tests run is the graph the GPU runs.
+  GPU decoder), resize of the crop window only, flip, pad, HWC → CHW; on the GPU when the loader's device is
+  CUDA (`mixed` decoder, `gpu` operators), on the CPU otherwise. One graph: operators take the device as a
+  parameter, so the CPU graph the tests run is the graph the GPU runs.
 
 Resize, bit-exact with OpenCV. `fn.resize` (linear, antialias off) interpolates in float and rounds to
 nearest; OpenCV's `INTER_LINEAR` on uint8 (what the reference and the torch loader use) is a fixed-point
@@ -29,8 +29,9 @@ differently and the torch loader itself would then differ from the reference. `r
 `fn.resize` over the crop's source window instead: fewer operators, ±1 grey level from OpenCV.
 
 Differences from the torch loader, by design: an image whose header reads but whose data is corrupt is not
-skipped (the host never decodes images) and stops the run with the DALI error; `rcs_class` and `failed`
-stay on the host (the failure monitor reads them every step; a device copy would cost a sync).
+skipped (the host never decodes images) and stops the run with the DALI error; `rcs_class`, `failed`,
+`valid_hw` and `target_valid_hw` stay on the host (the failure monitor reads `failed` every step and `normalize`
+checks `valid_hw` there; a device copy would cost a sync).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ __all__ = ["DaliTrainLoader", "PlanDataset", "dali_available", "resize_taps"]
 
 log = logging.getLogger("daformer_fast.data")
 Resize = Literal["exact", "fast"]
-_OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed")
+_OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw")
+_TARGET_OUTPUTS = ("target_img", "target_valid_hw")
 _COEF_SCALE = 2048  # OpenCV INTER_RESIZE_COEF_SCALE (11 fractional bits)
 
 
@@ -224,7 +226,7 @@ class PlanDataset(TrainDataset):
         return (y0, min(y1, hw[0]), x0, min(x1, hw[1])), flip, out
 
     def _plan(self, side: _Side, rng: np.random.Generator, use_rcs: bool, j: int):
-        """(DALI inputs of the image: path, geometry, flip; cropped label; RCS class; files skipped)."""
+        """(DALI inputs of the image: path, geometry, flip; cropped label; RCS class; files skipped; valid (h, w))."""
         failed = 0
         for _ in range(_MAX_REDRAWS):
             if use_rcs:
@@ -251,15 +253,18 @@ class PlanDataset(TrainDataset):
                 rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
             )  # fmt: skip
             geom = _exact_args(hw, size, box, j) if self.resize == "exact" else _fast_args(hw, size, box)
-            return [path, *geom, np.array(flip, np.int32)], lbl_crop, c, failed
+            valid = np.array([box[1] - box[0], box[3] - box[2]], np.int64)  # the clipped box: `pipeline.valid_size`
+            return [path, *geom, np.array(flip, np.int32)], lbl_crop, c, failed, valid
         raise DatasetError(f"{_MAX_REDRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?")
 
     def __getitem__(self, k: int) -> dict:
         t, j = divmod(int(k), self.data.batch_size)
-        img, lbl, c, failed = self._plan(self.main, item_rng(self.seed, self.rank, t, j, 0), self.rcs is not None, j)
-        out = {"img": img, "gt": lbl, "rcs_class": c}
+        rng = item_rng(self.seed, self.rank, t, j, 0)
+        img, lbl, c, failed, valid = self._plan(self.main, rng, self.rcs is not None, j)
+        out = {"img": img, "gt": lbl, "rcs_class": c, "valid_hw": valid}
         if self.other is not None:
-            out["target_img"], _, _, tfailed = self._plan(self.other, item_rng(self.seed, self.rank, t, j, 1), False, j)
+            rng = item_rng(self.seed, self.rank, t, j, 1)
+            out["target_img"], _, _, tfailed, out["target_valid_hw"] = self._plan(self.other, rng, False, j)
             failed += tfailed
         out["failed"] = failed
         return out
@@ -314,7 +319,8 @@ def _build_pipeline(feed, *, n_inputs: int, batch_size: int, device: str, device
         outs.append(gt.gpu() if device == "gpu" else gt)
         if with_target:
             outs.append(_image_graph(fn, types, inputs, device, resize, crop))
-        return (*outs, next(inputs), next(inputs))  # rcs_class, failed: host metadata stays on the CPU
+        # rcs_class, failed, valid_hw (, target_valid_hw): host metadata stays on the CPU.
+        return (*outs, *(next(inputs) for _ in range(4 if with_target else 3)))
 
     return pipe()
 
@@ -375,6 +381,9 @@ class DaliTrainLoader:
                 cols += [[it["target_img"][k] for it in items] for k in range(n_side)]
             cols.append([np.array(it["rcs_class"], np.int64) for it in items])
             cols.append([np.array(it["failed"], np.int64) for it in items])
+            cols.append([it["valid_hw"] for it in items])
+            if with_target:
+                cols.append([it["target_valid_hw"] for it in items])
             return tuple(cols)
 
         gpu = self.device.type == "cuda"
@@ -382,11 +391,11 @@ class DaliTrainLoader:
         if gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
         pipe = _build_pipeline(
-            feed, n_inputs=2 * n_side + 3 if with_target else n_side + 3, batch_size=B,
+            feed, n_inputs=2 * n_side + 5 if with_target else n_side + 4, batch_size=B,
             device="gpu" if gpu else "cpu", device_id=device_id, num_threads=self.num_threads, resize=self.resize,
             crop=tuple(self.data.crop), with_target=with_target, prefetch=self.prefetch,
         )  # fmt: skip
-        names = [n for n in _OUTPUTS if with_target or n != "target_img"]
+        names = [n for n in _OUTPUTS if with_target or n not in _TARGET_OUTPUTS]
         for (out,) in DALIGenericIterator([pipe], names, size=-1):
             out["gt"] = out["gt"].long()
             yield out

@@ -11,6 +11,7 @@ Layouts (recipe §1.7; `root` = `DatasetConfig.root`, `split` = `DatasetConfig.s
                 (images/ and labels/ directly when images/<split> does not exist)
 
 `<stem>` is the image file name without the image suffix; the label sits in the same relative sub-folder.
+Hidden files and `*.tmp.png` leftovers of an interrupted conversion are never samples.
 `img_suffix` / `label_suffix` in the config replace the layout's defaults. Unlike the reference (mmcv `scandir`,
 OS order) the lists are sorted, so runs do not depend on the file system.
 
@@ -96,10 +97,12 @@ def _scan(folder: Path, suffixes: tuple[str, ...]) -> list[tuple[Path, str]]:
     found = []
     # followlinks: datasets are often assembled from symlinked city/condition folders.
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # e.g. .ipynb_checkpoints copies
         rel = Path(dirpath).relative_to(folder)
         for fname in filenames:
             low = fname.lower()
+            if low.startswith(".") or low.endswith(".tmp.png"):
+                continue  # a converter's or copy tool's temporary file, or a macOS `._*` resource fork
             for suffix in lowered:
                 if low.endswith(suffix) and len(fname) > len(suffix):
                     found.append((Path(dirpath) / fname, (rel / fname[: -len(suffix)]).as_posix()))

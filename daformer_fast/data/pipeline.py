@@ -10,7 +10,10 @@ than `min_pixels · min_crop_ratio` pixels of the sampled class. The reference r
 for every retry; resizing is deterministic, so resizing once gives identical crops at a fraction of the cost.
 
 Normalisation with the ImageNet mean/std happens on the device (`normalize`), after batching, so loaders move
-uint8 (4× less data) and both loaders share it. Every random choice comes from the `np.random.Generator` passed in.
+uint8 (4× less data) and both loaders share it. The reference pads *after* Normalize, with 0 (recipe §1.3, §1.6),
+so a padded pixel is 0, not (0 − mean)/std; the uint8 crop is padded with 0 here and `normalize` sets the padding
+to 0 from the loaders' `valid_hw` (padding is always at the bottom and right). Every random choice comes from the
+`np.random.Generator` passed in.
 
 Legend: H/W resized image size, h/w crop size.
 """
@@ -22,7 +25,16 @@ import torch
 
 from daformer_fast.data.datasets import rescale_size, resize_image, resize_label
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "crop_box", "normalize", "random_crop", "resize_pair", "sample_crop"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "crop_box",
+    "normalize",
+    "random_crop",
+    "resize_pair",
+    "sample_crop",
+    "valid_size",
+]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -33,6 +45,11 @@ def resize_pair(img: np.ndarray, lbl: np.ndarray | None, scale: tuple[int, int])
     """Keep-ratio resize (mmcv rule): bilinear image, nearest label."""
     size = rescale_size(img.shape[1], img.shape[0], scale)
     return resize_image(img, size), (resize_label(lbl, size) if lbl is not None else None)
+
+
+def valid_size(shape: tuple[int, ...], crop: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the real pixels in a crop of an image of `shape` (H, W, ...): the rest of the crop is padding."""
+    return min(crop[0], shape[0]), min(crop[1], shape[1])
 
 
 def crop_box(rng: np.random.Generator, shape: tuple[int, int], crop: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -70,7 +87,9 @@ def _apply(img: np.ndarray, lbl: np.ndarray | None, box, flip: bool, crop: tuple
     img, lbl = img[y0:y1, x0:x1], (lbl[y0:y1, x0:x1] if lbl is not None else None)
     if flip:
         img, lbl = img[:, ::-1], (lbl[:, ::-1] if lbl is not None else None)
-    if img.shape[:2] != tuple(crop):  # pad smaller images: image 0, label 255 (a no-op at the paper's scales)
+    # Pad smaller images: image 0 (zeroed again after normalisation, see `normalize`), label 255. A no-op at the
+    # paper's scales.
+    if img.shape[:2] != tuple(crop):
         pad = ((0, crop[0] - img.shape[0]), (0, crop[1] - img.shape[1]))
         img = np.pad(img, pad + ((0, 0),), constant_values=0)
         lbl = np.pad(lbl, pad, constant_values=IGNORE) if lbl is not None else None
@@ -103,8 +122,25 @@ def sample_crop(
     return out_img, out_lbl
 
 
-def normalize(img_B3HW: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB batch → float32 (x − mean) / std with the ImageNet statistics, on the tensor's device."""
+def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 RGB batch → float32 (x − mean) / std with the ImageNet statistics, on the tensor's device.
+
+    Args:
+        img_B3HW: a loader's `img` or `target_img`.
+        valid_hw_B2: the matching `valid_hw` / `target_valid_hw`: per sample, the (h, w) of real pixels. Pixels
+            below or right of it are padding and come out exactly 0, as in the reference, which pads the
+            normalised image with 0. None: no padding.
+    """
     mean = torch.tensor(IMAGENET_MEAN, device=img_B3HW.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=img_B3HW.device).view(1, 3, 1, 1)
-    return (img_B3HW.float() - mean) / std
+    out = (img_B3HW.float() - mean) / std
+    if valid_hw_B2 is None:
+        return out
+    H, W = out.shape[-2:]
+    # Host-side check on a CPU tensor (no device sync): at the paper's scales nothing is ever padded.
+    if valid_hw_B2.device.type == "cpu" and bool((valid_hw_B2 >= torch.tensor([H, W])).all()):
+        return out
+    valid_hw = valid_hw_B2.to(out.device, non_blocking=True)
+    rows_BHW = torch.arange(H, device=out.device).view(1, H, 1) < valid_hw[:, 0].view(-1, 1, 1)
+    cols_BHW = torch.arange(W, device=out.device).view(1, 1, W) < valid_hw[:, 1].view(-1, 1, 1)
+    return out.masked_fill_(~(rows_BHW & cols_BHW).unsqueeze(1), 0.0)

@@ -10,19 +10,59 @@ c; the crop of that image is re-drawn (same image) up to 10 times until it holds
 `min_pixels · min_crop_ratio` pixels of c (checked by the pipeline, `pipeline.random_crop`). Only classes that
 occur at least once enter P (Synthia has no terrain, truck or train). JSON entries are matched to dataset
 samples by the label file's base name only (the Cityscapes city folder is ignored), as in the reference.
+
+`min_pixels` counts pixels at the label's original resolution; the reference's 3000 is tuned to GTA's 1914×1052
+labels (0.15 % of an image). For other image sizes `suggest_min_pixels` keeps that fraction:
+round(3000 · mean label area / (1914 · 1052)), at least 1. `convert_datasets folder` prints it, and the error
+raised when no image passes the threshold names it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from daformer_fast.data.datasets import DatasetError, Sample
 
-__all__ = ["RareClassSampler", "class_probabilities", "load_class_stats"]
+__all__ = [
+    "GTA_LABEL_AREA",
+    "REFERENCE_MIN_PIXELS",
+    "RareClassSampler",
+    "class_probabilities",
+    "load_class_stats",
+    "suggest_min_pixels",
+]
+
+log = logging.getLogger("daformer_fast.data")
+REFERENCE_MIN_PIXELS = 3000
+GTA_LABEL_AREA = 1914 * 1052
+
+
+def suggest_min_pixels(mean_label_area: float) -> int:
+    """The reference's 3000-pixel RCS threshold scaled from GTA's label area to `mean_label_area` (module docstring)."""
+    return max(1, round(REFERENCE_MIN_PIXELS * mean_label_area / GTA_LABEL_AREA))
+
+
+def _min_pixels_hint(samples: list[Sample], limit: int = 32) -> str:
+    """The suggested min_pixels for these samples' labels (mean area of the first `limit`, from the file headers,
+    without decoding), as advice to append to a message; empty if no label reads."""
+    areas = []
+    for s in samples[:limit]:
+        try:
+            with Image.open(s.label) as im:
+                areas.append(im.size[0] * im.size[1])
+        except (OSError, ValueError, TypeError):
+            continue
+    if not areas:
+        return ""
+    area = float(np.mean(areas))
+    return (f"; for labels of {area:.0f} pixels on average use --set data.rcs.min_pixels={suggest_min_pixels(area)} "
+            f"(3000 scaled by area from GTA's 1914x1052)")  # fmt: skip
 
 
 def load_class_stats(root: str | Path) -> list[dict]:
@@ -89,9 +129,18 @@ class RareClassSampler:
         keep = np.array([int(c) in candidates for c in classes])
         if not keep.any():
             raise DatasetError(
-                f"rare class sampling: no image has more than data.rcs.min_pixels={min_pixels} pixels of any class; "
-                f"lower min_pixels for small images"
+                f"rare class sampling: no image has more than data.rcs.min_pixels={min_pixels} pixels of any class "
+                f"(counted at the label's original resolution){_min_pixels_hint(samples)}, or set "
+                f"data.rcs.enabled=false"
             )
+        if not keep.all():
+            # Legitimate for a rare class in big images, but on small images it usually means min_pixels is too
+            # high and RCS quietly samples only the frequent classes: say so once, at construction.
+            log.warning(
+                "rare class sampling: classes %s never cover more than data.rcs.min_pixels=%d pixels of one image "
+                "and are not sampled%s", ", ".join(str(int(c)) for c in classes[~keep]), min_pixels,
+                _min_pixels_hint(samples),
+            )  # fmt: skip
         classes, probs = classes[keep], probs[keep] / probs[keep].sum()
         images = {int(c): np.array(sorted(candidates[int(c)]), dtype=np.int64) for c in classes}
         return cls(classes, probs, images, min_pixels, min_crop_ratio)

@@ -7,7 +7,10 @@ workers, and ranks draw different batches. The loader's state is just the iterat
 
 Batch contract (both loaders): `img` uint8 (B,3,h,w) RGB, `gt` int64 (B,h,w) with 255 = ignore, `target_img`
 uint8 (B,3,h,w) in `dacs` mode, `rcs_class` int64 (B,) (−1 without RCS), `failed` int64 (B,) the number of
-unreadable files skipped while drawing each sample. Normalisation happens on the device (`pipeline.normalize`).
+unreadable files skipped while drawing each sample, `valid_hw` int64 (B,2) the (h, w) of real pixels in each `img`
+(less than the crop only for images smaller than the crop, padded at the bottom/right), and `target_valid_hw`
+likewise for `target_img`. Normalisation happens on the device: `pipeline.normalize(batch["img"],
+batch["valid_hw"])`, which also zeroes the padding as the reference does.
 
 Without RCS, the reference draws (source, target) pairs from a shuffled |S|·|T| product; here each is drawn
 uniformly and independently per item, which has the same distribution for a run of 40k iterations.
@@ -25,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from daformer_fast.config import DataConfig, DatasetConfig
 from daformer_fast.data.datasets import DatasetError, Sample, list_samples, read_image, read_label
-from daformer_fast.data.pipeline import resize_pair, sample_crop
+from daformer_fast.data.pipeline import resize_pair, sample_crop, valid_size
 from daformer_fast.data.rcs import RareClassSampler, load_class_stats
 
 __all__ = ["FailureMonitor", "TrainDataset", "build_torch_loader", "check_label_values", "item_rng"]
@@ -96,8 +99,8 @@ class TrainDataset(Dataset):
                 raise _Fatal(str(e)) from None  # wrong ids (e.g. unconverted labels) are not an unreadable file
         return img, lbl
 
-    def _draw(self, side: _Side, rng: np.random.Generator, use_rcs: bool) -> tuple[np.ndarray, np.ndarray | None, int, int]:
-        """One cropped sample of `side`: (img, lbl, rcs class or −1, files skipped)."""
+    def _draw(self, side: _Side, rng: np.random.Generator, use_rcs: bool):
+        """One cropped sample of `side`: (img, lbl, rcs class or −1, files skipped, valid (h, w))."""
         failed = 0
         for _ in range(_MAX_REDRAWS):
             if use_rcs:
@@ -115,6 +118,7 @@ class TrainDataset(Dataset):
                 failed += 1
                 continue
             img, lbl = resize_pair(img, lbl, side.cfg.scale)
+            hw = valid_size(img.shape, self.data.crop)
             img, lbl = sample_crop(
                 rng, img, lbl, self.data.crop,
                 cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
@@ -122,20 +126,22 @@ class TrainDataset(Dataset):
                 rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
                 rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
             )  # fmt: skip
-            return img, lbl, c, failed
+            return img, lbl, c, failed, hw
         raise DatasetError(f"{_MAX_REDRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?")
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         t, j = divmod(int(k), self.data.batch_size)
-        img, lbl, c, failed = self._draw(self.main, item_rng(self.seed, self.rank, t, j, 0), self.rcs is not None)
+        img, lbl, c, failed, hw = self._draw(self.main, item_rng(self.seed, self.rank, t, j, 0), self.rcs is not None)
         out = {
             "img": torch.from_numpy(img).permute(2, 0, 1).contiguous(),
             "gt": torch.from_numpy(lbl.astype(np.int64)),
             "rcs_class": torch.tensor(c, dtype=torch.int64),
+            "valid_hw": torch.tensor(hw, dtype=torch.int64),
         }
         if self.other is not None:
-            timg, _, _, tfailed = self._draw(self.other, item_rng(self.seed, self.rank, t, j, 1), False)
+            timg, _, _, tfailed, thw = self._draw(self.other, item_rng(self.seed, self.rank, t, j, 1), False)
             out["target_img"] = torch.from_numpy(timg).permute(2, 0, 1).contiguous()
+            out["target_valid_hw"] = torch.tensor(thw, dtype=torch.int64)
             failed += tfailed
         out["failed"] = torch.tensor(failed, dtype=torch.int64)
         return out

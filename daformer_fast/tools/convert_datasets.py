@@ -3,7 +3,7 @@
     python -m daformer_fast.tools.convert_datasets gta ROOT [--nproc N]
     python -m daformer_fast.tools.convert_datasets synthia ROOT [--nproc N]
     python -m daformer_fast.tools.convert_datasets cityscapes ROOT [--nproc N]
-    python -m daformer_fast.tools.convert_datasets folder ROOT --num-classes K [--split train]
+    python -m daformer_fast.tools.convert_datasets folder ROOT --num-classes K [--split train] [--label-suffix .png]
 
 gta:        labels/*.png are palette PNGs whose *indices* are Cityscapes label ids (never read the colours);
             writes labels/<stem>_labelTrainIds.png.
@@ -11,13 +11,16 @@ synthia:    GT/LABELS/*.png are 16-bit multi-channel PNGs; the class id is the f
             writes GT/LABELS/<stem>_labelTrainIds.png.
 cityscapes: gtFine/<split>/<city>/*_gtFine_labelIds.png → *_gtFine_labelTrainIds.png (all splits); statistics
             from the train split only.
-folder:     custom datasets whose labels are already train ids (0..K-1, 255 = ignore); statistics only.
+folder:     custom datasets whose labels are already train ids (0..K-1, 255 = ignore); statistics only. Also
+            prints a `data.rcs.min_pixels` scaled to the dataset's mean label area (`rcs.suggest_min_pixels`).
 
 All write into ROOT: `sample_class_stats.json` (a list of {"<trainId>": pixels, ..., "file": label path}),
 `sample_class_stats_dict.json` ({label path: {"<trainId>": pixels}}) and `samples_with_class.json`
 ({"<trainId>": [[label path, pixels], ...]}). Counts are at the label's original resolution; only classes present
 are listed; 255 is never counted. Paths are relative to ROOT (sampling matches them by file name only).
-Re-running is idempotent: existing train-id files are kept and only re-read for the statistics.
+Re-running is idempotent: existing train-id files are kept and only re-read for the statistics. Files are written
+under a temporary hidden name and renamed; hidden files and `*.tmp.png` leftovers (older versions' temporary
+name) are never taken for labels.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from daformer_fast.data.rcs import GTA_LABEL_AREA, REFERENCE_MIN_PIXELS, suggest_min_pixels
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAINID",
@@ -71,10 +76,10 @@ def class_stats(label_trainids: np.ndarray, num_classes: int) -> dict[str, int]:
 
 
 def _read_ids_gta(path: Path) -> np.ndarray:
-    img = Image.open(path)
-    if img.mode not in ("P", "L", "I", "I;16"):
-        raise ValueError(f"{path}: expected a palette or grayscale label PNG of label ids, got mode {img.mode}")
-    return np.asarray(img, dtype=np.int64)  # palette PNGs give their indices, which are the label ids
+    with Image.open(path) as img:
+        if img.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: expected a palette or grayscale label PNG of label ids, got mode {img.mode}")
+        return np.asarray(img, dtype=np.int64)  # palette PNGs give their indices, which are the label ids
 
 
 def _read_ids_synthia(path: Path) -> np.ndarray:
@@ -86,7 +91,15 @@ def _read_ids_synthia(path: Path) -> np.ndarray:
 
 
 def _read_ids_plain(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.int64)
+    with Image.open(path) as img:
+        return np.asarray(img, dtype=np.int64)
+
+
+def _is_leftover(path: Path, folder: Path) -> bool:
+    """Temporary files of an interrupted run (this version's hidden `.<name>.tmp`, older versions' `<name>.tmp.png`)
+    and anything hidden below `folder`, such as macOS `._<name>.png` resource forks: never labels. Same rules as
+    the dataset scan (`datasets._scan`)."""
+    return path.name.endswith(".tmp.png") or any(part.startswith(".") for part in path.relative_to(folder).parts)
 
 
 def _check_trainids(label: np.ndarray, num_classes: int, path: Path) -> None:
@@ -103,21 +116,24 @@ def _check_trainids(label: np.ndarray, num_classes: int, path: Path) -> None:
 
 def _convert_one(
     src: Path, dst: Path, read_ids: Callable[[Path], np.ndarray] | None, lut: np.ndarray | None, num_classes: int
-) -> tuple[str, dict[str, int]]:
+) -> tuple[str, dict[str, int], int]:
+    """(label path, class counts, label area in pixels) of one label file, converting it first if needed."""
     if read_ids is None or dst.exists():
         # Idempotent: a finished file is only re-read for its statistics.
-        trainids = np.asarray(Image.open(dst))
+        with Image.open(dst) as im:
+            trainids = np.asarray(im)
     else:
         ids = read_ids(src)
         trainids = lut[np.clip(ids, 0, len(lut) - 1)]
-        tmp = dst.with_name(dst.name + ".tmp.png")
-        Image.fromarray(trainids, mode="L").save(tmp)
+        # Hidden and without the .png suffix, so an interrupted run's leftover matches no glob of any layout.
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        Image.fromarray(trainids, mode="L").save(tmp, format="PNG")
         tmp.replace(dst)  # never leave a half-written label behind
     if trainids.ndim != 2:
         raise ValueError(f"{dst}: expected a single-channel train-id label, got shape {trainids.shape}")
     if read_ids is None:
         _check_trainids(trainids, num_classes, dst)  # folder labels are user-made: validate before counting
-    return str(dst), class_stats(trainids.astype(np.uint8), num_classes)
+    return str(dst), class_stats(trainids.astype(np.uint8), num_classes), int(trainids.size)
 
 
 def write_stats(root: Path, records: list[tuple[str, dict[str, int]]]) -> None:
@@ -141,41 +157,45 @@ def write_stats(root: Path, records: list[tuple[str, dict[str, int]]]) -> None:
         tmp.replace(root / name)
 
 
-def _jobs(kind: str, root: Path, split: str) -> tuple[list[tuple[Path, Path]], Callable | None, np.ndarray | None]:
+def _jobs(
+    kind: str, root: Path, split: str, label_suffix: str = ".png"
+) -> tuple[list[tuple[Path, Path]], Callable | None, np.ndarray | None]:
     """(source label, train-id destination) pairs, the id reader and the lookup table of one dataset kind."""
     if kind == "gta":
         folder = root / "labels"
-        srcs = sorted(p for p in folder.glob("*.png") if p.stem[-1:].isdigit())
+        srcs = sorted(p for p in folder.glob("*.png") if p.stem[-1:].isdigit() and not _is_leftover(p, folder))
         return [(p, p.with_name(p.stem + "_labelTrainIds.png")) for p in srcs], _read_ids_gta, _lut(
             CITYSCAPES_ID_TO_TRAINID)  # fmt: skip
     if kind == "synthia":
         folder = root / "GT" / "LABELS"
-        srcs = sorted(p for p in folder.glob("*.png") if not p.name.endswith("_labelTrainIds.png"))
+        srcs = sorted(p for p in folder.glob("*.png")
+                      if not p.name.endswith("_labelTrainIds.png") and not _is_leftover(p, folder))  # fmt: skip
         return [(p, p.with_name(p.stem + "_labelTrainIds.png")) for p in srcs], _read_ids_synthia, _lut(
             SYNTHIA_ID_TO_TRAINID)  # fmt: skip
     if kind == "cityscapes":
         folder = root / "gtFine"
-        srcs = sorted(folder.glob("*/*/*_gtFine_labelIds.png"))
+        srcs = sorted(p for p in folder.glob("*/*/*_gtFine_labelIds.png") if not _is_leftover(p, folder))
         pairs = [(p, p.with_name(p.name.replace("_labelIds.png", "_labelTrainIds.png"))) for p in srcs]
         return pairs, _read_ids_plain, _lut(CITYSCAPES_ID_TO_TRAINID)
     if kind == "folder":
         folder = root / "labels" / split if (root / "labels" / split).is_dir() else root / "labels"
-        srcs = sorted(folder.rglob("*.png"))
+        srcs = sorted(p for p in folder.rglob("*" + label_suffix) if not _is_leftover(p, folder))
         return [(p, p) for p in srcs], None, None
     raise ValueError(f"unknown dataset kind {kind!r}")
 
 
 def convert(
-    kind: str, root: str | Path, nproc: int = 1, num_classes: int = 19, split: str = "train", quiet: bool = False
+    kind: str, root: str | Path, nproc: int = 1, num_classes: int = 19, split: str = "train", quiet: bool = False,
+    label_suffix: str = ".png",
 ) -> int:
     """Convert one dataset in place and write its statistics; returns the number of label files processed."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
-    pairs, read_ids, lut = _jobs(kind, root, split)
+    pairs, read_ids, lut = _jobs(kind, root, split, label_suffix)
     if not pairs:
-        pattern = {"gta": "labels/*<digit>.png", "synthia": "GT/LABELS/*.png",
-                   "cityscapes": "gtFine/*/*/*_gtFine_labelIds.png", "folder": "labels/**/*.png"}[kind]  # fmt: skip
+        pattern = {"gta": "labels/*<digit>.png", "synthia": "GT/LABELS/*.png", "folder": f"labels/**/*{label_suffix}",
+                   "cityscapes": "gtFine/*/*/*_gtFine_labelIds.png"}[kind]  # fmt: skip
         raise FileNotFoundError(f"no label files in {root} matching {pattern}")
     work = partial(_convert_pair, read_ids=read_ids, lut=lut, num_classes=num_classes)
     if nproc > 1:
@@ -184,6 +204,9 @@ def convert(
                                 disable=quiet))  # fmt: skip
     else:
         records = [work(p) for p in tqdm(pairs, desc=f"convert {kind}", disable=quiet)]
+    if kind == "folder" and not quiet:
+        _print_min_pixels_hint(float(np.mean([area for _, _, area in records])))
+    records = [(path, stats) for path, stats, _ in records]
     if kind == "cityscapes":
         # Statistics only from the training split; val/test labels are converted but never sampled.
         # Decided on the path below gtFine/, so a root that itself contains a `train` folder does not count val.
@@ -193,8 +216,18 @@ def convert(
     return len(pairs)
 
 
-def _convert_pair(pair: tuple[Path, Path], read_ids, lut, num_classes: int) -> tuple[str, dict[str, int]]:
+def _convert_pair(pair: tuple[Path, Path], read_ids, lut, num_classes: int) -> tuple[str, dict[str, int], int]:
     return _convert_one(pair[0], pair[1], read_ids, lut, num_classes)
+
+
+def _print_min_pixels_hint(mean_area: float) -> None:
+    """The RCS threshold for this dataset: the reference's 3000 pixels are for GTA's 1914x1052 labels; on smaller
+    images no image might pass it, and RCS would sample only the few classes that still do."""
+    n = suggest_min_pixels(mean_area)
+    print(
+        f"mean label area {mean_area:.0f} px ({mean_area / GTA_LABEL_AREA:.3g} x GTA's 1914x1052): "
+        f"set data.rcs.min_pixels: {n} (the reference's {REFERENCE_MIN_PIXELS} scaled by area)"
+    )
 
 
 def _write_split_lists(root: Path) -> None:
@@ -215,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--num-classes", type=int, default=19, help="number of train ids (folder datasets)")
     parser.add_argument("--split", default="train", help="label sub-folder of a folder dataset, if it has splits")
+    parser.add_argument("--label-suffix", default=".png", help="label file suffix of a folder dataset "
+                        "(its data.*.label_suffix)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        n = convert(args.kind, args.root, args.nproc, args.num_classes, args.split)
+        n = convert(args.kind, args.root, args.nproc, args.num_classes, args.split, label_suffix=args.label_suffix)
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -171,7 +171,15 @@ def make_synthetic(
     root: str | Path, n_source: int = 200, n_target: int = 100, n_val: int = 40, size: tuple[int, int] = (512, 256),
     seed: int = 0, quiet: bool = False,
 ) -> Path:  # fmt: skip
-    """Write the benchmark under `root` (see module docstring) and return `root`."""
+    """Write the benchmark under `root` (see module docstring) and return `root`.
+
+    `n_target = n_val = 0` writes the source domain only (no `ROOT/target`), e.g. for a custom-dataset example.
+
+    Raises:
+        ValueError: `n_source` < 1 (every benchmark needs a labelled source) or a negative count.
+    """
+    if n_source < 1 or n_target < 0 or n_val < 0:
+        raise ValueError(f"need n_source >= 1 and n_target, n_val >= 0; got {n_source}, {n_target}, {n_val}")
     root = Path(root)
     w, h = size
     src, tgt = root / "source", root / "target"
@@ -194,7 +202,8 @@ def make_synthetic(
             cv2.imwrite(str(img_dir / f"{name}_leftImg8bit.png"), render(lbl, rng, "target")[..., ::-1])
             _write_label_ids(gt_dir / f"{name}_gtFine_labelIds.png", lbl, palette_png=False)
     convert("gta", src, quiet=True)
-    convert("cityscapes", tgt, quiet=True)
+    if n_target + n_val > 0:  # the Cityscapes converter rightly refuses a dataset without any label file
+        convert("cityscapes", tgt, quiet=True)
     if not quiet:
         print(f"synthetic benchmark: {n_source} source, {n_target}+{n_val} target images at {w}x{h} in {root}")
     return root
@@ -218,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if w < 32 or h < 32:
         print(f"error: --size must be at least 32x32, got {args.size}", file=sys.stderr)
         return 2
-    make_synthetic(args.root, args.n_source, args.n_target, args.n_val, (w, h), args.seed)
+    try:
+        make_synthetic(args.root, args.n_source, args.n_target, args.n_val, (w, h), args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
