@@ -127,6 +127,9 @@ class DataConfig:
     rcs: RCSConfig = field(default_factory=RCSConfig)
     strict: bool = False
     """Stop at the first unreadable sample instead of skipping it with a warning."""
+    synthetic_root: str | None = None
+    """Generate the synthetic domain-shift benchmark (`tools.make_synthetic`) here on first use, for configs
+    whose source/target/val roots are ROOT/source and ROOT/target (configs/demo.yaml)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +164,9 @@ class OptimConfig:
     head_lr_mult: float = 10.0
     norm_decay_mult: float = 0.0
     """Weight-decay multiplier of every encoder LayerNorm parameter."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """With N data-parallel processes the global batch is N·(2+2): keep the paper's lr (none), or scale it by N
+    (linear) or √N (sqrt)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +195,8 @@ class TrainConfig:
     """auto = cuda when available, else cpu; or an explicit torch device string."""
     path: Literal["fast", "reference"] = "fast"
     """fast = batched, sync-free step; reference = the original's per-sample order."""
+    max_nonfinite: int = 20
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,10 @@ Legend: H/W resized image size, h/w crop size.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
+
 import torch
 
 from daformer_fast.data.datasets import rescale_size, resize_image, resize_label
@@ -122,6 +125,15 @@ def sample_crop(
     return out_img, out_lbl
 
 
+@functools.cache
+def _norm_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean/std as (1, 3, 1, 1) tensors on `device`, made once: a per-step host→device copy of a Python list
+    would block the host on CUDA."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 RGB batch → float32 (x − mean) / std with the ImageNet statistics, on the tensor's device.
 
@@ -131,8 +143,7 @@ def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -
             below or right of it are padding and come out exactly 0, as in the reference, which pads the
             normalised image with 0. None: no padding.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=img_B3HW.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=img_B3HW.device).view(1, 3, 1, 1)
+    mean, std = _norm_stats(img_B3HW.device)
     out = (img_B3HW.float() - mean) / std
     if valid_hw_B2 is None:
         return out

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from daformer_fast.config import Config
-from daformer_fast.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from daformer_fast.data.pipeline import _norm_stats, normalize
 from daformer_fast.models.mit import DropPath, MixVisionTransformer
 from daformer_fast.models.segmentor import Segmentor, param_groups
 from daformer_fast.uda.augment import strong_transform, strong_transform_reference
@@ -98,8 +98,7 @@ class UDAStep:
             self.student_fwd = torch.compile(self.student_fwd)
             self.teacher_fwd = self.teacher and torch.compile(self.teacher)
             self.imnet_fwd = self.imnet and torch.compile(self.imnet)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = _norm_stats(device)
         self.bf16 = cfg.train.precision == "bf16" and not self.reference
         self.debug: dict[str, torch.Tensor] = {}
 
@@ -117,8 +116,10 @@ class UDAStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _normalize(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        return (img_B3HW.to(self.device, non_blocking=True).float() - self.mean) / self.std
+    def _images(self, batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+        """Normalised images on the device; padding (images smaller than the crop) exactly 0, as the reference."""
+        valid = batch.get("target_valid_hw" if key == "target_img" else "valid_hw")
+        return normalize(batch[key].to(self.device, non_blocking=True), valid)
 
     def _begin(self, t: int) -> torch.Generator:
         """LR of iteration t, cleared gradients, reseeded randomness; the step's CPU generator."""
@@ -172,7 +173,7 @@ class UDAStep:
     def supervised_step(self, batch: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
         """Source-only / target-only baselines: plain supervised training on the labelled side."""
         self._begin(t)
-        img, gt = self._normalize(batch["img"]), batch["gt"].to(self.device, non_blocking=True)
+        img, gt = self._images(batch, "img"), batch["gt"].to(self.device, non_blocking=True)
         with self._autocast():
             loss_src = seg_ce_loss(self.student_fwd(img), gt)
         loss_src.backward()
@@ -182,7 +183,7 @@ class UDAStep:
         """DAFormer's iteration, batched and free of host synchronisation."""
         gen = self._begin(t)
         update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
-        img, tgt = self._normalize(batch["img"]), self._normalize(batch["target_img"])
+        img, tgt = self._images(batch, "img"), self._images(batch, "target_img")
         gt = batch["gt"].to(self.device, non_blocking=True)
 
         # Source: supervised loss + ImageNet feature distance, one backward (no gradient all-reduce yet).
@@ -216,7 +217,7 @@ class UDAStep:
         """The same iteration in the original's order: three backward passes, per-sample loops, host reads."""
         gen = self._begin(t)
         update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
-        img, tgt = self._normalize(batch["img"]), self._normalize(batch["target_img"])
+        img, tgt = self._images(batch, "img"), self._images(batch, "target_img")
         gt = batch["gt"].to(self.device)
 
         with self.no_sync():
