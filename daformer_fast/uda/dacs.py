@@ -6,10 +6,11 @@ augmentation, ImageNet feature distance and rare-class-sampled source batches.
 
 Two paths compute the same thing (`train.path`):
 - `fast`: batched stages, no host synchronisation inside the step, the source CE and FD backward fused into one
-  (author-endorsed, recipe §8b), bf16 autocast when `train.precision=bf16`, torch.compile of the networks when
-  `train.compile`, fused AdamW whose update is skipped on the device when a gradient is non-finite.
-- `reference`: fp32 eager, the original's order — per-sample ClassMix and augmentation loops, three separate
-  backward passes, the pseudo-label weight read back to the host, the for-loop AdamW.
+  (author-endorsed, recipe §8b), fused AdamW whose update is skipped on the device when a gradient is non-finite.
+- `reference`: the original's order — per-sample ClassMix and augmentation loops, three separate backward passes,
+  the pseudo-label weight read back to the host, the for-loop AdamW.
+`train.precision=bf16` (autocast) and `train.compile` apply to either path (the original is fp32 eager; the
+benchmark ladder adds them to the reference one at a time).
 From the same state, seed and batch the two give the same losses and weights (tests/test_train_step.py).
 
 Randomness: every draw of iteration t comes from (seed, rank, t) — a CPU generator for ClassMix and the strong
@@ -94,12 +95,12 @@ class UDAStep:
                     p.requires_grad_(False)
         self.teacher_fwd: Callable | None = self.teacher
         self.imnet_fwd: Callable | None = self.imnet
-        if cfg.train.compile and not self.reference:
+        if cfg.train.compile:
             self.student_fwd = torch.compile(self.student_fwd)
             self.teacher_fwd = self.teacher and torch.compile(self.teacher)
             self.imnet_fwd = self.imnet and torch.compile(self.imnet)
         self.mean, self.std = _norm_stats(device)
-        self.bf16 = cfg.train.precision == "bf16" and not self.reference
+        self.bf16 = cfg.train.precision == "bf16"
         self.debug: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------------------
@@ -221,15 +222,18 @@ class UDAStep:
         gt = batch["gt"].to(self.device)
 
         with self.no_sync():
-            logits_src, feats = self.student_fwd(img, with_features=True)
-            loss_src = seg_ce_loss(logits_src, gt)
+            with self._autocast():
+                logits_src, feats = self.student_fwd(img, with_features=True)
+                loss_src = seg_ce_loss(logits_src, gt)
             loss_src.backward(retain_graph=self.imnet is not None)  # FD reuses the encoder graph
             loss_fd, fd_mask = img.new_zeros(()), None
             if self.imnet is not None:
-                loss_fd, fd_mask = self._feature_distance(img, feats[-1], gt)
+                with self._autocast():
+                    loss_fd, fd_mask = self._feature_distance(img, feats[-1], gt)
                 loss_fd.backward()
 
-        pl, pw = self._pseudo_labels(tgt)
+        with self._autocast():
+            pl, pw = self._pseudo_labels(tgt)
         q = pw.amax().item()  # the original reads the confident fraction back as a Python float
         masks = class_masks_reference(gt, gen)
         mixed = [mix(masks[i : i + 1], img[i : i + 1], tgt[i : i + 1]) for i in range(img.shape[0])]
@@ -237,7 +241,8 @@ class UDAStep:
         mixed_lbl = torch.cat([mix(masks[i : i + 1], gt[i : i + 1], pl[i : i + 1]) for i in range(img.shape[0])])
         mixed_w = torch.cat([mix(masks[i : i + 1], torch.ones_like(pw[i : i + 1]), pw[i : i + 1])
                              for i in range(img.shape[0])])  # fmt: skip
-        loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
+        with self._autocast():
+            loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
         loss_mix.backward()
 
         skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
