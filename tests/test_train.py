@@ -128,3 +128,24 @@ def test_torchrun_two_processes(tmp_path, syn):
     assert rows[0]["img_s"] > 0 and "mIoU" in rows[-1]
     assert "2 process(es)" in (work / "train.log").read_text()
     shutil.rmtree(work)
+
+
+def test_two_node_rendezvous(tmp_path, syn):
+    """Two torchrun launches (one process each) meet through c10d rendezvous on 127.0.0.1, as two nodes would."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config(tmp_path, syn, max_iters=2, eval_interval=2, deterministic=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=daformer-test",
+           "-m", "daformer_fast.train", str(cfg)]  # fmt: skip
+    nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [n.communicate(timeout=600) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outs]
+    rows = _rows(tmp_path / "work")
+    assert [r["step"] for r in rows if "loss_src" in r] == [2] and "mIoU" in rows[-1]
+    assert "2 process(es)" in (tmp_path / "work" / "train.log").read_text()

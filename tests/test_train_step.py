@@ -141,3 +141,18 @@ def test_bf16_step_runs_close_to_fp32(base_model):
     _, (b16,) = _run(_cfg(precision="bf16"), base_model, [1600], [_batch(7)])
     for k in ("loss_src", "loss_mix"):
         torch.testing.assert_close(b16[k], f32[k], rtol=5e-2, atol=1e-2)
+
+
+def test_compiled_step_matches_eager(base_model, monkeypatch):
+    """torch.compile of the three networks (graph capture and compiled autograd through AOTAutograd). The
+    aot_eager backend keeps the test fast on CPU; inductor code generation itself is torch's and runs on GPU."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    batches = [_batch(1), _batch(2)]
+    _, eager = _run(_cfg(), base_model, [1600, 1601], batches)
+    step, compiled = _run(_cfg(compile=True), base_model, [1600, 1601], batches)
+    assert type(step.student_fwd).__name__ == "OptimizedModule"
+    for e, c in zip(eager, compiled):
+        for k in e:
+            torch.testing.assert_close(c[k], e[k], rtol=1e-5, atol=1e-7, msg=k)
