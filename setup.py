@@ -41,8 +41,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "daformer-train=daformer_fast.train:main",
             "daformer-evaluate=daformer_fast.evaluate:main",
             "daformer-predict=daformer_fast.predict:main",
+            "daformer-experiments=daformer_fast.experiments:main",
         ]
     },
 )
