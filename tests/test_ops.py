@@ -12,6 +12,7 @@ from daformer_fast.ops import _dispatch, attention
 from daformer_fast.ops._dispatch import choose_impl, set_default_impl
 
 ROOT = Path(__file__).resolve().parents[1]
+attention_module = sys.modules["daformer_fast.ops.attention"]  # the package re-exports a function of the same name
 
 
 def test_forced_reference_and_rejection_reasons(caplog):
@@ -38,6 +39,30 @@ def test_fallback_logged_once_with_reason(caplog):
         choose_impl("demo_op3", "auto", ["unsupported dtype torch.float64"])
     msgs = [r.getMessage() for r in caplog.records if "demo_op3" in r.getMessage()]
     assert msgs == ["demo_op3: using reference (unsupported dtype torch.float64)"]
+
+
+def test_dispatch_under_compile_logs_without_graph_break(caplog):
+    caplog.set_level("INFO", logger="daformer_fast.ops")
+
+    def f(x):
+        return x + (1 if choose_impl("demo_compiled", "auto", ["not on CUDA"]) == "reference" else 2)
+
+    assert torch.compile(f, fullgraph=True)(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert [r.getMessage() for r in caplog.records] == ["demo_compiled: using reference (not on CUDA)"]
+    # The dispatcher sets Dynamo's constant-result marker by hand (see _dispatch._log_once); it must stay torch's.
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert list(vars(marked)) == ["_dynamo_marked_constant"] and _dispatch._log_once._dynamo_marked_constant
+
+
+def test_attention_rejection_reasons_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, q16 = torch.randn(1, 1, 4, 32), torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    assert attention_module._triton_unsupported(q, q, q) == ["tensor not on CUDA"]
+    assert attention_module._triton_unsupported(q16, q16, q16) == [
+        "tensor not on CUDA",
+        "dtypes torch.float64, torch.float64, torch.float64 (need one of fp32/bf16/fp16)",
+        "head dim 16 (need 32, 64 or 128)",
+    ]
 
 
 def test_env_switch_disables_kernels():

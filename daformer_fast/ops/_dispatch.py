@@ -12,7 +12,6 @@ config's `kernels.impl`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Literal
@@ -38,9 +37,19 @@ def default_impl() -> Impl:
     return _default_impl
 
 
-@functools.cache
+_triton_status: tuple[bool, str] | None = None
+
+
+# Cached by hand, not with functools: Dynamo warns when it traces through a functools cache under torch.compile.
 def triton_available() -> tuple[bool, str]:
     """Whether Triton kernels can launch here, and why not."""
+    global _triton_status
+    if _triton_status is None:
+        _triton_status = _probe_triton()
+    return _triton_status
+
+
+def _probe_triton() -> tuple[bool, str]:
     if not _KERNELS_ENABLED:
         return False, "DAFORMER_FAST_KERNELS=0"
     try:
@@ -56,6 +65,14 @@ def _log_once(op: str, choice: str, reasons: tuple[str, ...]) -> None:
         _logged.add(key)
         why = f" ({'; '.join(reasons)})" if reasons else ""
         log.info("%s: using %s%s", op, choice, why)
+
+
+# Under torch.compile a logging call inside traced code is a graph break (an error with fullgraph=True). Marked as a
+# constant result (what `torch.compiler.assume_constant_result` does), the function instead runs in Python while
+# Dynamo traces, so the decision is logged then and the graph holds nothing of it. The marker is set directly because
+# that function imports torch._dynamo, and with it triton, which importing this package must not do;
+# tests/test_ops.py checks that torch still uses this marker.
+_log_once._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def choose_impl(op: str, impl: Impl | None, reasons: list[str] | tuple[str, ...] = ()) -> Literal["reference", "triton"]:

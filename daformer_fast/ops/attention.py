@@ -3,13 +3,20 @@
 The one switch point for attention:
 - `attention_ref`: explicit q·kᵀ → softmax → ·v in the input dtype, as the original (materialises the
   B·M·N·N' probability tensor);
-- `F.scaled_dot_product_attention` (flash / memory-efficient / math backend chosen by PyTorch), used by `auto`
-  until a Triton kernel is measured to beat it.
+- `F.scaled_dot_product_attention` (flash / memory-efficient / math backend chosen by PyTorch), used by `auto`;
+- the flash-style Triton kernel `daformer_fast.kernels.attention` (forward and backward), used when forced with
+  `impl="triton"`.
+
+`auto` stays on SDPA, on CUDA as elsewhere, until a GPU benchmark at MiT shapes shows the Triton kernel at least
+matching SDPA's flash path (the bar issue 5 sets); none has been run yet. Flip `_AUTO_USES_TRITON` with that
+measurement.
 
 Legend: B batch, M heads, N query tokens, L key/value tokens (N/R² with spatial reduction R), D head dim.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +36,47 @@ def attention_ref(q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tens
     return attn_BMNL @ v_BMLD
 
 
+# Set to True only with a GPU measurement showing the kernel at least as fast as SDPA at MiT shapes.
+_AUTO_USES_TRITON = False
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (the test setup sets this when there is no GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _triton_unsupported(q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor) -> list[str]:
+    """Reasons the Triton kernel cannot take these inputs, from static properties only."""
+    reasons = []
+    if not all(t.is_cuda for t in (q_BMND, k_BMLD, v_BMLD)) and not _interpreting():
+        reasons.append("tensor not on CUDA")
+    if not (q_BMND.dtype == k_BMLD.dtype == v_BMLD.dtype) or q_BMND.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"dtypes {q_BMND.dtype}, {k_BMLD.dtype}, {v_BMLD.dtype} (need one of fp32/bf16/fp16)")
+    if q_BMND.ndim != 4 or k_BMLD.ndim != 4 or k_BMLD.shape != v_BMLD.shape:
+        reasons.append(f"shapes {tuple(q_BMND.shape)}, {tuple(k_BMLD.shape)}, {tuple(v_BMLD.shape)}")
+    elif q_BMND.shape[-1] not in (32, 64, 128):
+        reasons.append(f"head dim {q_BMND.shape[-1]} (need 32, 64 or 128)")
+    return reasons
+
+
 def attention(
     q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor, scale: float, impl: Impl | None = None
 ) -> torch.Tensor:
-    """Scaled dot-product attention without mask or dropout. Equivalent PyTorch: `attention_ref`."""
+    """Scaled dot-product attention without mask or dropout. Equivalent PyTorch: `attention_ref`.
+
+    impl: "reference" runs `attention_ref`; "triton" forces the Triton kernel (ValueError listing the reasons when it
+    cannot take the inputs); "auto" runs SDPA (see the module docstring); None takes the process default.
+    """
     impl = impl or default_impl()
     if impl == "reference":
         return attention_ref(q_BMND, k_BMLD, v_BMLD, scale)
-    # No Triton attention kernel is registered yet, so "auto" and "triton" resolve through the dispatcher with a
-    # rejection reason and run SDPA, PyTorch's fused path.
-    choose_impl("attention", "auto" if impl == "triton" else impl, ["no triton attention kernel yet; using SDPA"])
+    reasons = _triton_unsupported(q_BMND, k_BMLD, v_BMLD)
+    if impl == "auto" and not _AUTO_USES_TRITON:
+        reasons.append("auto uses SDPA until the kernel is measured faster on GPU")
+    # For attention the non-Triton path of the dispatcher is SDPA, not the materialising reference.
+    if choose_impl("attention", impl, reasons) == "triton":
+        from daformer_fast.kernels.attention import attention_triton
+
+        return attention_triton(q_BMND, k_BMLD, v_BMLD, scale)
     return F.scaled_dot_product_attention(q_BMND, k_BMLD, v_BMLD, scale=scale)
