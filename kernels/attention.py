@@ -65,7 +65,7 @@ def _tile_t(base, offs_r, offs_d, stride_r, stride_d, mask_r, FP32_DOT: tl.const
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V,  # (B, M, N, D), (B, M, L, D), (B, M, L, D), any strides
-    O,  # (B, N, M, D) contiguous: the layout the following head merge wants
+    OUT,  # (B, N, M, D) contiguous: the layout the following head merge wants
     LSE,  # (B, M, N) fp32, natural log
     sqb, sqm, sqn, sqd, skb, skm, skl, skd, svb, svm, svl, svd, sob, son, som,
     M, N, L, qk_scale_log2,
@@ -101,7 +101,7 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + m * som + offs_n[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
+    tl.store(OUT + b * sob + m * som + offs_n[:, None] * son + offs_d[None, :], acc.to(OUT.dtype.element_ty),
              mask=mask_n[:, None])
     tl.store(LSE + pid_bm.to(tl.int64) * N + offs_n, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_n)
 

@@ -1,5 +1,6 @@
 """Dispatch point: forced paths, the environment kill switch, rejection reasons; package layout of kernels/."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -12,10 +13,21 @@ from daformer_fast.ops import _dispatch, attention
 from daformer_fast.ops._dispatch import choose_impl, set_default_impl
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ops_log(caplog, monkeypatch):
+    """caplog at INFO for the dispatch logger; the trainer turns off the package logger's propagation to the root
+    (where caplog listens) for its own handlers, so a training run earlier in the process would hide the records."""
+    monkeypatch.setattr(logging.getLogger("daformer_fast"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="daformer_fast.ops")
+    return caplog
+
+
 attention_module = sys.modules["daformer_fast.ops.attention"]  # the package re-exports a function of the same name
 
 
-def test_forced_reference_and_rejection_reasons(caplog):
+def test_forced_reference_and_rejection_reasons():
     assert choose_impl("demo_op", "reference") == "reference"
     assert choose_impl("demo_op", "auto", ["K > 32"]) == "reference"
     with pytest.raises(ValueError, match="demo_op: triton implementation cannot run: K > 32"):
@@ -33,22 +45,20 @@ def test_auto_uses_triton_only_when_available(monkeypatch):
     assert choose_impl("demo_op2", "auto") == "triton"
 
 
-def test_fallback_logged_once_with_reason(caplog):
-    caplog.set_level("INFO", logger="daformer_fast.ops")
+def test_fallback_logged_once_with_reason(ops_log):
     for _ in range(3):
         choose_impl("demo_op3", "auto", ["unsupported dtype torch.float64"])
-    msgs = [r.getMessage() for r in caplog.records if "demo_op3" in r.getMessage()]
+    msgs = [r.getMessage() for r in ops_log.records if "demo_op3" in r.getMessage()]
     assert msgs == ["demo_op3: using reference (unsupported dtype torch.float64)"]
 
 
-def test_dispatch_under_compile_logs_without_graph_break(caplog):
-    caplog.set_level("INFO", logger="daformer_fast.ops")
+def test_dispatch_under_compile_logs_without_graph_break(ops_log):
 
     def f(x):
         return x + (1 if choose_impl("demo_compiled", "auto", ["not on CUDA"]) == "reference" else 2)
 
     assert torch.compile(f, fullgraph=True)(torch.zeros(2)).tolist() == [1.0, 1.0]
-    assert [r.getMessage() for r in caplog.records] == ["demo_compiled: using reference (not on CUDA)"]
+    assert [r.getMessage() for r in ops_log.records] == ["demo_compiled: using reference (not on CUDA)"]
     # The dispatcher sets Dynamo's constant-result marker by hand (see _dispatch._log_once); it must stay torch's.
     marked = torch.compiler.assume_constant_result(lambda: None)
     assert list(vars(marked)) == ["_dynamo_marked_constant"] and _dispatch._log_once._dynamo_marked_constant

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from daformer_fast.ops import attention
 from daformer_fast.ops._dispatch import Impl
+from daformer_fast.ops.mixffn import dwconv_gelu
 
 __all__ = ["MIT_SIZES", "MixVisionTransformer", "MitSpec", "mit", "checkpoint_filter_fn"]
 
@@ -122,15 +123,18 @@ class DWConv(nn.Module):
 class MixFFN(nn.Module):
     """fc1 → depthwise 3×3 conv on the token grid → exact GELU → fc2."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, impl: Impl | None = None) -> None:
         super().__init__()
+        self.impl = impl
         self.fc1 = nn.Linear(dim, hidden)
-        self.dwconv = DWConv(hidden)
-        self.act = nn.GELU()
+        self.dwconv = DWConv(hidden)  # holds the conv parameters under the original state-dict names
+        self.act = nn.GELU()  # kept for the module tree; the conv and GELU run as one op below
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x_BNC), h, w)))
+        conv = self.dwconv.dwconv
+        # One op through the dispatch point: the reference path is DWConv followed by GELU, value for value.
+        return self.fc2(dwconv_gelu(self.fc1(x_BNC), conv.weight, conv.bias, h, w, impl=self.impl))
 
 
 class Block(nn.Module):
@@ -141,7 +145,7 @@ class Block(nn.Module):
         # Rate 0 (the very first block) is an identity, as in the original.
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MixFFN(dim, dim * mlp_ratio)
+        self.mlp = MixFFN(dim, dim * mlp_ratio, impl)
 
     def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
         x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), h, w))
@@ -222,4 +226,3 @@ def _feature_shapes(size: str, h: int, w: int) -> list[tuple[int, int, int]]:
         h, w = (h + 2 * (k // 2) - k) // s + 1, (w + 2 * (k // 2) - k) // s + 1
         shapes.append((c, h, w))
     return shapes
-

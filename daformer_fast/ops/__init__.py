@@ -5,5 +5,14 @@ Importing this package never imports Triton.
 
 from daformer_fast.ops._dispatch import choose_impl, default_impl, set_default_impl
 from daformer_fast.ops.attention import attention, attention_ref
+from daformer_fast.ops.mixffn import dwconv_gelu, dwconv_gelu_ref
 
-__all__ = ["attention", "attention_ref", "choose_impl", "default_impl", "set_default_impl"]
+__all__ = [
+    "attention",
+    "attention_ref",
+    "choose_impl",
+    "default_impl",
+    "dwconv_gelu",
+    "dwconv_gelu_ref",
+    "set_default_impl",
+]

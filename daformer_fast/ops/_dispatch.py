@@ -75,7 +75,25 @@ def _log_once(op: str, choice: str, reasons: tuple[str, ...]) -> None:
 _log_once._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def choose_impl(op: str, impl: Impl | None, reasons: list[str] | tuple[str, ...] = ()) -> Literal["reference", "triton"]:
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (the test setup sets this when there is no GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def device_reasons(tensors: tuple, impl: Impl | None) -> list[str]:
+    """["tensor not on CUDA"] unless every tensor is on CUDA.
+
+    Under the Triton interpreter (TRITON_INTERPRET=1) kernels run on CPU tensors too, but only when forced with
+    impl="triton": `auto` never sends CPU tensors to the interpreter, which is about a thousand times slower.
+    """
+    if all(t.is_cuda for t in tensors) or ((impl or _default_impl) == "triton" and _interpreting()):
+        return []
+    return ["tensor not on CUDA"]
+
+
+def choose_impl(
+    op: str, impl: Impl | None, reasons: list[str] | tuple[str, ...] = ()
+) -> Literal["reference", "triton"]:
     """Resolve `impl` for one call of `op`; `reasons` are static reasons the Triton path cannot take the inputs."""
     impl = impl or _default_impl
     reasons = tuple(reasons)

@@ -16,12 +16,10 @@ Legend: B batch, M heads, N query tokens, L key/value tokens (N/R² with spatial
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from daformer_fast.ops._dispatch import Impl, choose_impl, default_impl
+from daformer_fast.ops._dispatch import Impl, choose_impl, default_impl, device_reasons
 
 __all__ = ["attention", "attention_ref", "TOLERANCES"]
 
@@ -41,16 +39,11 @@ _AUTO_USES_TRITON = False
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (the test setup sets this when there is no GPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def _triton_unsupported(q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor) -> list[str]:
-    """Reasons the Triton kernel cannot take these inputs, from static properties only."""
-    reasons = []
-    if not all(t.is_cuda for t in (q_BMND, k_BMLD, v_BMLD)) and not _interpreting():
-        reasons.append("tensor not on CUDA")
+def _triton_unsupported(
+    q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor, impl: Impl | None = "triton"
+) -> list[str]:
+    """Reasons the Triton kernel cannot take these inputs (for this `impl`), from static properties only."""
+    reasons = device_reasons((q_BMND, k_BMLD, v_BMLD), impl)
     if not (q_BMND.dtype == k_BMLD.dtype == v_BMLD.dtype) or q_BMND.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtypes {q_BMND.dtype}, {k_BMLD.dtype}, {v_BMLD.dtype} (need one of fp32/bf16/fp16)")
     if q_BMND.ndim != 4 or k_BMLD.ndim != 4 or k_BMLD.shape != v_BMLD.shape:
@@ -71,7 +64,7 @@ def attention(
     impl = impl or default_impl()
     if impl == "reference":
         return attention_ref(q_BMND, k_BMLD, v_BMLD, scale)
-    reasons = _triton_unsupported(q_BMND, k_BMLD, v_BMLD)
+    reasons = _triton_unsupported(q_BMND, k_BMLD, v_BMLD, impl)
     if impl == "auto" and not _AUTO_USES_TRITON:
         reasons.append("auto uses SDPA until the kernel is measured faster on GPU")
     # For attention the non-Triton path of the dispatcher is SDPA, not the materialising reference.

@@ -6,16 +6,15 @@ fp32 operands (the interpreter's bf16 dot is wrong), so the bf16/fp16 cases chec
 fp32 accumulation, not the tensor-core dots; on a GPU the same tests exercise those.
 """
 
-import logging
 import os
 import subprocess
 import sys
 
+import daformer_fast.kernels.attention as ka
 import pytest
 import torch
 import torch.nn.functional as F
 
-import daformer_fast.kernels.attention as ka
 from daformer_fast.models.mit import mit
 from daformer_fast.ops import _dispatch
 from daformer_fast.ops.attention import TOLERANCES, attention, attention_ref
@@ -61,17 +60,17 @@ def _check(shape, dtype, layout="contiguous"):
     leaves32, qkv32 = _fp32_copy(leaves, layout, shape)
     want = _run(attention_ref, leaves32, qkv32, do.float())
     names = ["out", *(["dq_lin", "dkv_lin"] if layout == "mit" else ["dq", "dk", "dv"])]
-    for name, g in zip(names, got):
+    for name, g in zip(names, got, strict=True):
         assert g.dtype == dtype, name
     if dtype == torch.float32:
         atol, rtol = TOLERANCES[dtype]
-        for name, g, w in zip(names, got, want):
+        for name, g, w in zip(names, got, want, strict=True):
             torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
         return
     # Low precision, three-way (flash-attention's test): the kernel's error against the fp32 reference may be at most
     # twice that of the reference computed in the same dtype, plus a small floor for elements that round either way.
     base = _run(attention_ref, leaves, qkv, do)
-    for name, g, w, b in zip(names, got, want, base):
+    for name, g, w, b in zip(names, got, want, base, strict=True):
         err, err_base = (g.float() - w).abs().max().item(), (b.float() - w).abs().max().item()
         assert err <= 2 * err_base + 1e-3, f"{name}: kernel error {err:.3g} vs {dtype} reference {err_base:.3g}"
 
@@ -110,7 +109,7 @@ def test_lse_output_and_its_gradient():
     want = torch.autograd.grad((o_ref * w_o).sum() + (lse_ref * w_lse).sum(), (q, k, v))
     torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
@@ -129,8 +128,7 @@ def test_opcheck(requires_grad, permuted):
     torch.library.opcheck(torch.ops.daformer_fast.attention_bwd.default, args)
 
 
-def test_compile_public_op_fullgraph(caplog):
-    caplog.set_level(logging.INFO, logger="daformer_fast.ops")
+def test_compile_public_op_fullgraph(ops_log):
     _dispatch._logged.clear()  # the dispatch decision must be logged from inside the trace without a graph break
     q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE, requires_grad=True) for n in (40, 24, 24))
 
@@ -141,9 +139,9 @@ def test_compile_public_op_fullgraph(caplog):
     compiled = torch.compile(loss, fullgraph=True)
     got = torch.autograd.grad(compiled(q, k, v, "triton"), (q, k, v))
     want = torch.autograd.grad(loss(q, k, v, "reference"), (q, k, v))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    assert [r.getMessage() for r in caplog.records if "attention:" in r.getMessage()] == ["attention: using triton"]
+    assert [r.getMessage() for r in ops_log.records if "attention:" in r.getMessage()] == ["attention: using triton"]
 
 
 def test_mit_with_triton_attention_matches_reference():
@@ -153,22 +151,22 @@ def test_mit_with_triton_attention_matches_reference():
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 3, 64, 48, device=DEVICE)
     outs = [m(x) for m in (ref, fast)]
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    for m, out in zip((ref, fast), outs):
+    for out in outs:
         sum(o.square().mean() for o in out).backward()
-    for (name, p), p_fast in zip(ref.named_parameters(), fast.parameters()):
+    for (name, p), p_fast in zip(ref.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(p_fast.grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_auto_runs_sdpa_and_logs_why(monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="daformer_fast.ops")
+def test_auto_runs_sdpa_and_logs_why(monkeypatch, ops_log):
     _dispatch._logged.clear()
     monkeypatch.setattr(ka, "attention_triton", lambda *a: pytest.fail("auto must not run the kernel"))
     q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE) for n in (10, 5, 5))
     torch.testing.assert_close(attention(q, k, v, 0.5, impl="auto"), F.scaled_dot_product_attention(q, k, v, scale=0.5))
-    assert any("attention: using reference" in r.getMessage() and "auto uses SDPA" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "attention: using reference" in r.getMessage() and "auto uses SDPA" in r.getMessage() for r in ops_log.records
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,17 @@
+"""Fixtures for the kernel tests."""
+
+import logging
+
+import pytest
+
+
+@pytest.fixture
+def ops_log(caplog, monkeypatch):
+    """caplog at INFO for the dispatch point's logger, whatever earlier tests did to propagation.
+
+    caplog listens on the root logger; the trainer turns off propagation of the package logger for its own handlers,
+    so a training run earlier in the same process would otherwise hide these records.
+    """
+    monkeypatch.setattr(logging.getLogger("daformer_fast"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="daformer_fast.ops")
+    return caplog

@@ -1,0 +1,145 @@
+"""Fused depthwise 3×3 conv + bias + GELU kernel against `dwconv_gelu_ref`: forward, dx, dweight, dbias; odd shapes,
+dtypes, strided input, the registered ops (opcheck, torch.compile), the dispatch point and MiT's MixFFN wiring.
+
+Without a GPU these run in the Triton interpreter (tests/conftest.py) at tiny shapes. The kernel has no `tl.dot`,
+so the interpreter computes what the GPU computes.
+"""
+
+import daformer_fast.kernels.mixffn as km
+import pytest
+import torch
+
+from daformer_fast.models.mit import MixFFN
+from daformer_fast.ops import _dispatch
+from daformer_fast.ops.mixffn import TOLERANCES, _triton_unsupported, dwconv_gelu, dwconv_gelu_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (B, h, w, C): C over two channel blocks with a tail, N = 35 < one token block; a 9×13 map (row wrap inside a
+# block); a single row and a single column (every neighbour above/below or left/right is padding); N = 130 over
+# three token blocks.
+SHAPES = [(2, 5, 7, 70), (1, 9, 13, 32), (1, 1, 6, 8), (1, 6, 1, 8), (1, 10, 13, 16)]
+
+
+def _inputs(B, h, w, C, dtype, strided=False):
+    if strided:  # a (B, N, C) view with a channel stride of 2, as a slice of a wider activation would be
+        x = torch.randn(B, h * w, 2 * C, device=DEVICE, dtype=dtype)[..., ::2].detach().requires_grad_()
+    else:
+        x = torch.randn(B, h * w, C, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = (0.3 * torch.randn(C, 1, 3, 3, device=DEVICE, dtype=dtype)).requires_grad_()
+    bias = (0.1 * torch.randn(C, device=DEVICE, dtype=dtype)).requires_grad_()
+    return x, weight, bias
+
+
+def _run(fn, args, h, w, dy):
+    y = fn(*args, h, w)
+    return [y.detach(), *torch.autograd.grad(y, args, dy)]
+
+
+def _check(shape, dtype, strided=False):
+    B, h, w, C = shape
+    args = _inputs(B, h, w, C, dtype, strided)
+    dy = torch.randn(B, h * w, C, device=DEVICE, dtype=dtype)
+    got = _run(km.dwconv_gelu_triton, args, h, w, dy)
+    args32 = [t.detach().float().requires_grad_() for t in args]
+    want = _run(dwconv_gelu_ref, args32, h, w, dy.float())
+    names = ["forward", "dx", "dweight", "dbias"]
+    for name, g, like in zip(names, got, [dy, *args], strict=True):
+        assert g.dtype == dtype and g.shape == like.shape, name
+    if dtype == torch.float32:
+        tol = TOLERANCES[dtype]
+        for name, g, r in zip(names, got, want, strict=True):
+            atol, rtol = tol["dweight" if name == "dbias" else name]
+            torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+        return
+    # Low precision, three-way: the kernel (fp32 inside, one rounding on store) may err at most twice as much as
+    # the reference run in the same dtype, plus a floor of one rounding step of the largest values.
+    base = _run(dwconv_gelu_ref, args, h, w, dy)
+    for name, g, r, b in zip(names, got, want, base, strict=True):
+        err, err_base = (g.float() - r).abs().max().item(), (b.float() - r).abs().max().item()
+        floor = r.abs().max().item() * 2.0**-7
+        assert err <= 2 * err_base + floor, f"{name}: kernel error {err:.3g} vs {dtype} reference {err_base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-h{}-w{}-C{}".format(*s))
+def test_matches_reference(shape, dtype):
+    _check(shape, dtype)
+
+
+def test_fp16_and_strided_input():
+    _check((2, 4, 5, 24), torch.float16, strided=True)
+
+
+def test_partial_sums_over_several_token_chunks(monkeypatch):
+    # On a GPU the dz/dw kernel splits tokens into chunks and adds per-chunk partials; force that here:
+    # N = 130 → three blocks → chunks of 2 and 1 blocks, for each of two batch items.
+    monkeypatch.setattr(km, "_TARGET_DZ_PROGRAMS", 2)
+    _check((2, 10, 13, 16), torch.float32)
+
+
+def test_reference_equals_original_module_path():
+    # MixFFN now calls the op; its reference path must give the same values as DWConv followed by nn.GELU.
+    mlp = MixFFN(8, 32, impl="reference").to(DEVICE)
+    x = torch.randn(2, 6 * 5, 32, device=DEVICE)
+    conv = mlp.dwconv.dwconv
+    assert torch.equal(dwconv_gelu_ref(x, conv.weight, conv.bias, 6, 5), mlp.act(mlp.dwconv(x, 6, 5)))
+
+
+def test_mixffn_module_triton_matches_reference():
+    ref = MixFFN(8, 32, impl="reference").to(DEVICE)
+    fast = MixFFN(8, 32, impl="triton").to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 7 * 9, 8, device=DEVICE)
+    out = [m(x, 7, 9) for m in (ref, fast)]
+    torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
+    for o in out:
+        o.square().sum().backward()
+    for (name, p), p_fast in zip(ref.named_parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(p_fast.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    x, weight, bias = (t.detach().requires_grad_(requires_grad) for t in _inputs(1, 3, 4, 8, torch.float32))
+    torch.library.opcheck(torch.ops.daformer_fast.dwconv_gelu_fwd.default, (x, weight, bias, 3, 4))
+    dy = torch.randn(1, 12, 8, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous grad
+    args = (dy, x.detach(), weight.detach(), bias.detach(), 3, 4)
+    torch.library.opcheck(torch.ops.daformer_fast.dwconv_gelu_bwd.default, args)
+
+
+def test_compile_public_op_fullgraph():
+    args = _inputs(1, 4, 6, 16, torch.float32)
+
+    def loss(x, weight, bias, op_impl):
+        return dwconv_gelu(x * 2, weight, bias, 4, 6, impl=op_impl).sin().sum()
+
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*args, "triton"), args)
+    want = torch.autograd.grad(loss(*args, "reference"), args)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
+    _dispatch._logged.clear()
+    monkeypatch.setattr(km, "dwconv_gelu_triton", lambda *a: pytest.fail("auto must not run the kernel on CPU"))
+    x, weight, bias = _inputs(1, 3, 3, 4, torch.float32)
+    x = x.cpu()
+    torch.testing.assert_close(
+        dwconv_gelu(x, weight.cpu(), bias.cpu(), 3, 3, impl="auto"), dwconv_gelu_ref(x, weight.cpu(), bias.cpu(), 3, 3)
+    )
+    assert "dwconv_gelu: using reference (tensor not on CUDA)" in [r.getMessage() for r in ops_log.records]
+
+
+def test_forced_triton_rejects_unsupported_inputs(monkeypatch):
+    x, weight, bias = (t.detach() for t in _inputs(1, 3, 3, 4, torch.float32))
+    with pytest.raises(ValueError, match=r"dwconv_gelu: triton implementation cannot run: .*h·w 12"):
+        dwconv_gelu(x, weight, bias, 3, 4, impl="triton")
+    with pytest.raises(ValueError, match="dtypes torch.float64"):
+        dwconv_gelu(x.double(), weight, bias, 3, 3, impl="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _triton_unsupported(x.cpu(), weight.cpu(), bias.cpu(), 3, 3) == ["tensor not on CUDA"]
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: (False, "DAFORMER_FAST_KERNELS=0"))
+    with pytest.raises(ValueError, match="DAFORMER_FAST_KERNELS=0"):
+        dwconv_gelu(x, weight, bias, 3, 3, impl="triton")
