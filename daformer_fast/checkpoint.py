@@ -354,8 +354,11 @@ def save_checkpoint(
             obj[name] = _plain(_state(value), name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")  # same directory, so os.replace is an atomic rename
+    # A leftover of a killed write is replaced; O_EXCL | O_NOFOLLOW never writes through a symlink planted there.
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        with open(tmp, "wb") as f:
+        with open(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it visible

@@ -388,9 +388,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
+            # safe_load only: tags such as !!python/object are refused here (the problem text names the tag).
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{where}") from None
+            raise ConfigError(f"{path}: not valid YAML{where}" + (f": {problem}" if problem else "")) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         values = loaded or {}

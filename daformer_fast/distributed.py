@@ -56,8 +56,26 @@ def init_distributed(device_name: str) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # A generous timeout: rank 0 may spend minutes generating data or evaluating while the others wait.
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            kwargs.update(store=_attempt_store(restart, rank, world_size), rank=rank, world_size=world_size)
         dist.init_process_group(backend, timeout=timedelta(minutes=30), **kwargs)
     return Dist(rank, world_size, local_rank, device)
+
+
+def _attempt_store(restart: int, rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store under a prefix of its own for torchrun restart `restart`.
+
+    torchrun's agent keeps one store server for all attempts (`--max-restarts`), so the keys of the previous
+    attempt's process group (gloo's peer addresses among them) are still there: a restarted rank would connect to a
+    dead peer. A per-attempt prefix gives each attempt a clean namespace.
+    """
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=rank == 0 and not agent_serves,
+        timeout=timedelta(minutes=30), multi_tenant=True,
+    )  # fmt: skip
+    return dist.PrefixStore(f"daformer_fast/attempt_{restart}", store)
 
 
 def barrier(d: Dist) -> None:

@@ -6,7 +6,8 @@ Per iteration t: the loaders' batch t (drawn from (seed, rank, t)) → `UDAStep`
 `log_interval` one host read of the accumulated losses → `metrics.jsonl`, TensorBoard, the progress bar; every
 `eval_interval` and at the end the student's mIoU on `data.val` (sharded over ranks, confusion matrices summed);
 every `checkpoint_interval` and at the end an atomic checkpoint. SIGTERM finishes the step, checkpoints and
-exits cleanly (preemption).
+exits cleanly (preemption). A step with a non-finite loss or gradient is skipped (no update) and reported at the
+next log line; `train.max_nonfinite` of them in a row stop the run (FloatingPointError).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from daformer_fast.evaluate import evaluate
 from daformer_fast.metrics import format_table, segmentation_metrics
 from daformer_fast.models import build_segmentor
 from daformer_fast.ops._dispatch import set_default_impl
-from daformer_fast.run_state import find_resume, load_run_state, save_run_state
+from daformer_fast.run_state import check_work_dir, find_resume, load_run_state, save_run_state
 from daformer_fast.uda.dacs import UDAStep, build_optimizer
 
 __all__ = ["train"]
@@ -42,10 +43,12 @@ __all__ = ["train"]
 log = logging.getLogger("daformer_fast.train")
 
 
-def _setup_logging(work_dir: Path, main: bool) -> list[logging.Handler]:
-    """Console (and on rank 0 `train.log`) handlers for this run; the caller removes them at the end, so that
-    several runs in one process each log to their own work dir."""
+def _setup_logging(work_dir: Path, main: bool) -> tuple[list[logging.Handler], tuple[int, bool]]:
+    """Console (and on rank 0 `train.log`) handlers for this run; the caller removes them at the end (restoring
+    the logger's level and propagation), so that several runs in one process each log to their own work dir and
+    the host application's logging is left as it was."""
     root = logging.getLogger("daformer_fast")
+    saved = (root.level, root.propagate)
     root.setLevel(logging.INFO if main else logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -55,14 +58,16 @@ def _setup_logging(work_dir: Path, main: bool) -> list[logging.Handler]:
         h.setFormatter(fmt)
         root.addHandler(h)
     root.propagate = False
-    return handlers
+    return handlers, saved
 
 
-def _remove_logging(handlers: list[logging.Handler]) -> None:
+def _remove_logging(handlers: list[logging.Handler], saved: tuple[int, bool]) -> None:
     root = logging.getLogger("daformer_fast")
     for h in handlers:
         root.removeHandler(h)
         h.close()
+    root.setLevel(saved[0])
+    root.propagate = saved[1]
 
 
 def _prepare_data(cfg: Config, d: Dist) -> Config:
@@ -152,28 +157,33 @@ def _json_row(row: dict) -> str:
                        for k, v in row.items()})  # fmt: skip
 
 
-def train(cfg: Config, resume: str | None = None) -> dict:
-    """Train per `cfg`; returns the final evaluation metrics (empty without a validation set)."""
+def train(cfg: Config, resume: str | None = None, trust: bool = False) -> dict:
+    """Train per `cfg`; returns the final evaluation metrics (empty without a validation set).
+
+    resume: "auto" (newest checkpoint of the work dir, if any) or a checkpoint path. trust: allow full unpickling
+    of `resume` and `model.pretrained` (see `checkpoint.read_checkpoint`); work-dir checkpoints never need it.
+    """
     d = init_distributed(cfg.train.device)
     try:
-        return _train(cfg, resume, d)
+        return _train(cfg, resume, trust, d)
     finally:
         shutdown(d)
 
 
-def _train(cfg: Config, resume: str | None, d: Dist) -> dict:
+def _train(cfg: Config, resume: str | None, trust: bool, d: Dist) -> dict:
     work_dir = Path(cfg.train.work_dir)
     if d.main:
         work_dir.mkdir(parents=True, exist_ok=True)
     barrier(d)
-    handlers = _setup_logging(work_dir, d.main)
+    check_work_dir(work_dir)  # before anything is opened for writing (train.log below)
+    handlers, saved = _setup_logging(work_dir, d.main)
     try:
-        return _run(cfg, resume, d, work_dir)
+        return _run(cfg, resume, trust, d, work_dir)
     finally:
-        _remove_logging(handlers)
+        _remove_logging(handlers, saved)
 
 
-def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
+def _run(cfg: Config, resume: str | None, trust: bool, d: Dist, work_dir: Path) -> dict:
     if d.main:
         save_config(cfg, work_dir / "config.yaml")
     set_default_impl(cfg.kernels.impl)
@@ -187,7 +197,7 @@ def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
     torch.manual_seed(cfg.train.seed)
     student = build_segmentor(cfg.model)
     if cfg.model.pretrained:
-        load_weights(student, cfg.model.pretrained, log=log.info if d.main else (lambda m: None))
+        load_weights(student, cfg.model.pretrained, trust=trust, log=log.info if d.main else (lambda m: None))
     student.to(d.device)
     fast = cfg.train.path == "fast"
     optimizer = build_optimizer(cfg, student, fused=fast)
@@ -196,10 +206,10 @@ def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
 
     start = 0
     if resume:
-        found = find_resume(work_dir, resume)
+        found = find_resume(work_dir, resume, trust=trust)
         if found is not None:
             path, state = found
-            start = load_run_state(state, student=student, teacher=step.teacher, optimizer=optimizer)
+            start = load_run_state(state, student=student, teacher=step.teacher, optimizer=optimizer, path=path)
             log.info("resumed from %s at iteration %d", path, start)
     max_iters = cfg.train.max_iters
     val_samples = list_samples(cfg.data.val) if cfg.train.eval_interval else []
@@ -219,7 +229,10 @@ def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
     bar = tqdm(total=max_iters, initial=start, disable=not d.main, dynamic_ncols=True, desc="train")
     imgs_per_step = cfg.data.batch_size * (2 if cfg.uda.mode == "dacs" else 1) * d.world_size
     monitor, meter, preempt = FailureMonitor(), _Meter(), _Preemption()
-    nonfinite_run = torch.zeros((), device=d.device)
+    nonfinite_run = torch.zeros((), device=d.device)  # current run of consecutive skipped steps
+    nonfinite_worst = torch.zeros((), device=d.device)  # longest run since the start, read at log intervals
+    stop_pending: torch.Tensor | None = None
+    last_log = start
     final: dict = {}
 
     def checkpoint(t_done: int) -> None:
@@ -256,6 +269,7 @@ def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
             debug = d.main and cfg.uda.debug_img_interval > 0 and t % cfg.uda.debug_img_interval == 0
             out = step(batch, t, debug=debug and cfg.uda.mode == "dacs")
             nonfinite_run = (nonfinite_run + out["skipped"]) * out["skipped"]  # consecutive skips, on the device
+            nonfinite_worst = torch.maximum(nonfinite_worst, nonfinite_run)
             meter.add(out, wait)
             if debug and step.debug:
                 _save_debug(work_dir, t, step.debug, cfg)
@@ -263,10 +277,15 @@ def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
             bar.update(1)
             if t_done % cfg.train.log_interval == 0 or t_done == max_iters:
                 means, per_step, wait_frac = meter.read()
-                if int(nonfinite_run) >= cfg.train.max_nonfinite:
+                if means.get("skipped", 0.0) > 0:
+                    log.warning("iterations %d-%d: %d step(s) skipped, non-finite loss or gradient (no update)",
+                                last_log + 1, t_done, round(means["skipped"] * (t_done - last_log)))  # fmt: skip
+                last_log = t_done
+                if int(nonfinite_worst) >= cfg.train.max_nonfinite:
                     raise FloatingPointError(
-                        f"{int(nonfinite_run)} consecutive steps with a non-finite loss or gradient (last at "
-                        f"iteration {t}); the last checkpoint holds finite weights — lower the lr or check the data"
+                        f"{int(nonfinite_worst)} consecutive steps with a non-finite loss or gradient (up to "
+                        f"iteration {t_done}); stopping (train.max_nonfinite={cfg.train.max_nonfinite}). The last "
+                        "checkpoint holds finite weights — lower the lr or check the data"
                     )
                 if d.main:
                     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -282,13 +301,17 @@ def _run(cfg: Config, resume: str | None, d: Dist, work_dir: Path) -> dict:
                     bar.set_postfix(loss_src=f"{means['loss_src']:.3f}", img_s=f"{row['img_s']:.1f}")
             if val_samples and (t_done % cfg.train.eval_interval == 0 or t_done == max_iters):
                 final = log_eval(t_done)
-            if t_done % cfg.train.checkpoint_interval == 0 or t_done == max_iters:
-                checkpoint(t_done)
-            elif preempt.requested:
+            stop = preempt.requested
+            if d.enabled:
+                # Ranks can receive SIGTERM at different iterations but must stop at the same one: the flags are
+                # summed every step and the sum is read one step later, so the read never waits on the running step.
+                agreed, stop_pending = stop_pending, all_reduce_sum(torch.tensor(float(stop), device=d.device), d)
+                stop = agreed is not None and bool(agreed)
+            if stop:
                 log.warning("SIGTERM: checkpointing at iteration %d and stopping", t_done)
+            if t_done % cfg.train.checkpoint_interval == 0 or t_done == max_iters or stop:
                 checkpoint(t_done)
-                break
-            if preempt.requested:
+            if stop:
                 break
         if final and d.main:
             key = "mIoU16" if "mIoU16" in final else "mIoU"

@@ -19,6 +19,8 @@ uniformly and independently per item, which has the same distribution for a run 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -160,7 +162,15 @@ def build_torch_loader(
     return DataLoader(
         dataset, batch_size=B, sampler=indices, num_workers=workers, pin_memory=pin_memory, drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_exit_on_sigterm if workers > 0 else None,
     )  # fmt: skip
+
+
+def _exit_on_sigterm(worker_id: int) -> None:
+    """Schedulers send SIGTERM to the whole process group on preemption. A worker killed by it makes the main
+    process raise (torch's SIGCHLD check) before it can checkpoint; a worker exiting with status 0 does not, and the
+    main process, which got the same signal, stops after its current step (trainer._Preemption)."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 class FailureMonitor:
