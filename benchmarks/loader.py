@@ -34,15 +34,8 @@ from daformer_fast.data.dali_loader import DaliTrainLoader, dali_available
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
 from daformer_fast.tools.make_synthetic import make_synthetic
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import cpu_name as _cpu_name  # noqa: E402
 
 
 def _synthetic(tmp: Path, n: int):

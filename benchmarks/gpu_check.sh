@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# One call for a rare GPU lease: report the GPU, run the kernel and parity tests on it, time the training step at
+# the paper's setting (MiT-B5, 512x512, 2+2) and the kernels, and print a short table last.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine; results in $OUT if set, else benchmarks/results/
+#   bash benchmarks/gpu_check.sh --dry-run  # CPU plumbing check: same steps at toy sizes, under a minute
+#
+# Installs nothing: the package is imported from this checkout (an editable install without dependencies or build
+# isolation only when `daformer_fast.kernels` does not import). The DALI rung is skipped with its reason (no DALI
+# in the GPU image; the torch loader is used). Every part runs under `timeout` so the whole stays within 8 minutes
+# on an H100; throughput.py rewrites its JSON after each rung and kernels.py flushes each CSV row, so a part cut
+# short still leaves what it measured.
+set -u
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+RES="${OUT:-benchmarks/results}"
+mkdir -p "$RES"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+LOG="$RES/gpu_check.log"
+: >"$LOG"
+
+part() {  # part NAME SECONDS CMD...: run CMD under a time limit, log it, remember its status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s, t=$((SECONDS - START))s): $*" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    STATUS+=("$(printf '%-22s rc=%-4s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+}
+STATUS=()
+
+# 1. The machine.
+part gpu 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv 2>/dev/null || echo "nvidia-smi not available"'
+part torch 30 python -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__,
+    "cuda", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")'
+
+# 2. The package from this checkout (kernels/ imports as daformer_fast.kernels only through setup.py's mapping).
+if ! python -c "import daformer_fast.kernels" 2>/dev/null; then
+    part install 60 python -m pip install -q --no-deps --no-build-isolation -e .
+fi
+if python -c "import nvidia.dali" 2>/dev/null; then
+    echo "DALI is installed: the +DALI rung needs --real-data, which this check does not use (synthetic batches)" | tee -a "$LOG"
+else
+    echo "DALI: not installed here; the +DALI rung is skipped and the torch loader is the loader" | tee -a "$LOG"
+fi
+
+if [[ $DRY == 1 ]]; then
+    # Plumbing only: collect the tests, run the benchmarks at toy sizes on the CPU.
+    part tests 60 python -m pytest -q --collect-only tests/kernels tests/test_train_step.py
+    TOY=(--device cpu --iters 1 --warmup 1 --skip +compile --set model.backbone=mit_b0 "data.crop=[64,64]")
+    part throughput-eager 120 python benchmarks/throughput.py "${TOY[@]}" --json "$RES/throughput_eager.json"
+    part kernels 30 python benchmarks/kernels.py --csv "$RES/kernels.csv"
+    part throughput-full 30 python benchmarks/throughput.py --device cpu --iters 1 --warmup 0 --quick \
+        --skip +compile +bf16 +sync-free\ batched\ step +fused\ kernels --set "data.crop=[32,32]" \
+        --json "$RES/throughput.json"
+else
+    # 3. Kernel tests and the fast-vs-reference parity tests, on the GPU.
+    part tests 100 python -m pytest -q -x tests/kernels tests/test_train_step.py -p no:cacheprovider
+    # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers.
+    part throughput-eager 100 python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
+        --skip +compile --json "$RES/throughput_eager.json"
+    # 5. Kernel microbenchmarks at MiT-B5's shapes for 512x512 crops.
+    part kernels 60 python benchmarks/kernels.py --dtype bf16 --csv "$RES/kernels.csv"
+    # 6. The full ladder with torch.compile, in what time is left of the 8 minutes (partial JSON if cut short).
+    LEFT=$((470 - (SECONDS - START)))
+    ((LEFT < 60)) && LEFT=60
+    part throughput-full "$LEFT" python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
+        --json "$RES/throughput.json"
+fi
+
+# 7. Short table last.
+{
+    echo
+    echo "=== summary ($((SECONDS - START)) s)"
+    printf '%s\n' "${STATUS[@]}"
+    python - "$RES" <<'EOF'
+import csv, json, sys
+from pathlib import Path
+
+res = Path(sys.argv[1])
+for name in ("throughput_eager.json", "throughput.json"):
+    p = res / name
+    if not p.exists():
+        print(f"{name}: missing")
+        continue
+    r = json.loads(p.read_text())
+    print(f"{name}: {r['device']}, {r['setup']['backbone']} {r['setup']['crop']}, "
+          f"{r['flops']['model_flop_per_iter'] / 1e12:.3f} TFLOP/iter")
+    for e in r["ladder"]:
+        if e.get("status") == "measured":
+            mem = e["peak_mem_gib"]
+            mfu = f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "-"
+            print(f"  {e['rung']:<25}{e['img_s']:>9.2f} img/s {e['ms_p50']:>9.1f} ms  "
+                  f"{(f'{mem:.2f} GiB') if mem is not None else '-':>10}  MFU {mfu:>6}  x{e['speedup_vs_reference']:.2f}")
+        else:
+            print(f"  {e['rung']:<25}{e.get('status', 'not reached')}: {e.get('reason', '')[:70]}")
+    if "fast" in r:
+        print(f"  fast vs reference: {r['fast']['speedup']:.2f}x; targets: {r.get('targets')}")
+p = res / "kernels.csv"
+if p.exists():
+    rows = list(csv.DictReader(p.open()))
+    last = rows[-1]["date"] if rows else None
+    rows = [r for r in rows if r["date"] == last and not r.get("error")]
+    print(f"kernels.csv: {len(rows)} rows of this run (ms p50, fwd/bwd)")
+    best = {}
+    for r in rows:
+        best.setdefault((r["kernel"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = float(r["ms_p50"])
+    for (k, s, d, m), v in best.items():
+        print(f"  {k:<10}{s:<34}{d:<5}{m:<9}" + " ".join(f"{p}={t:.3f}" for p, t in v.items()))
+EOF
+} 2>&1 | tee -a "$LOG"

@@ -1,0 +1,294 @@
+"""Kernel microbenchmarks at the shapes the model produces: every kernel found in `kernels/` that has a spec here,
+against its eager reference and `torch.compile` of the reference, forward and backward.
+
+    python benchmarks/kernels.py [--backbone mit_b5] [--crop 512] [--batch 2] [--dtype bf16|fp32|both]
+                                 [--csv benchmarks/results/kernels.csv] [--interpret-smoke]
+
+Per (kernel, shape, dtype, provider, mode): median, p20 and p80 time (`triton.testing.do_bench`), achieved GB/s
+over the fewest bytes the op must move (each input read once, each output written once) and its fraction of the
+device's peak bandwidth, achieved TFLOP/s and its fraction of the dtype's peak (bench_env.py), and the forward's
+relative error against an fp32 evaluation of the reference (a fast wrong kernel must not pass as a result). Rows
+are appended to the CSV with device, versions and git revision.
+
+Triton kernels need CUDA: without a GPU the script says so and exits 0. `--interpret-smoke` instead runs each
+kernel once at a tiny shape in Triton's CPU interpreter (correctness plumbing only; nothing is timed or written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import pkgutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+if "--interpret-smoke" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit runs, i.e. before a kernel module is imported
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_env import environment, peak_for  # noqa: E402
+
+from daformer_fast.models.mit import MIT_SIZES  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Case:
+    """One kernel call: inputs (tensors needing grad, then static arguments), the FLOPs and minimal elements moved
+    of each mode, and an id."""
+
+    shape_id: str
+    inputs: Callable[[torch.device, torch.dtype], tuple[tuple[torch.Tensor, ...], tuple]]
+    flops: dict[str, int]
+    bytes_per_elem: dict[str, int]  # elements moved per mode; times the element size gives bytes
+
+
+@dataclass
+class Spec:
+    reference: Callable
+    triton: Callable
+    sdpa: Callable | None
+    cases: Callable[[str, int, int], list[Case]]
+    smoke: Case
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention: softmax(q·kᵀ·scale)·v of MiT's efficient self-attention.
+
+
+def _attention_case(b: int, m: int, n: int, kv: int, d: int, tag: str) -> Case:
+    def inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        # Random data, never zeros: zeros hide unwritten outputs and can run faster than real data.
+        leaves = tuple(torch.randn(b, m, s, d, device=device, dtype=dtype, generator=g).requires_grad_()
+                       for s in (n, kv, kv))  # fmt: skip
+        return leaves, (d**-0.5,)
+
+    bm = b * m
+    # Forward reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dq, dk, dv.
+    elems = {"forward": bm * (2 * n * d + 2 * kv * d), "backward": bm * (4 * n * d + 4 * kv * d)}
+    # Forward: q·kᵀ and p·v. Backward: dV = pᵀ·dO, dP = dO·vᵀ, dQ = dS·k, dK = dSᵀ·q (no recomputation counted).
+    flops = {"forward": 4 * bm * n * kv * d, "backward": 8 * bm * n * kv * d}
+    return Case(f"{tag}-B{b}-M{m}-N{n}-L{kv}-D{d}", inputs, flops, elems)
+
+
+def _attention_cases(backbone: str, crop: int, batch: int) -> list[Case]:
+    """One case per MiT stage at `crop`²: N tokens at stride 4·2^i, keys reduced by the stage's sr ratio."""
+    spec = MIT_SIZES[backbone.removeprefix("mit_")]
+    cases = []
+    for i, (dim, heads, sr) in enumerate(zip(spec.embed_dims, spec.num_heads, spec.sr_ratios)):
+        side = crop // (4 * 2**i)
+        n = side * side
+        cases.append(_attention_case(batch, heads, n, n // (sr * sr), dim // heads, f"{backbone}-stage{i + 1}"))
+    return cases
+
+
+def _attention_spec() -> Spec:
+    import torch.nn.functional as F
+
+    from daformer_fast.kernels.attention import attention_triton
+    from daformer_fast.ops.attention import attention_ref
+
+    def sdpa(q, k, v, scale):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    return Spec(attention_ref, attention_triton, sdpa, _attention_cases, _attention_case(1, 2, 100, 70, 32, "smoke"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixffn: gelu(depthwise 3×3 conv + bias) in the middle of MiT's Mix-FFN, on the (B, N, C) token layout.
+
+
+def _mixffn_case(b: int, side: int, c: int, tag: str) -> Case:
+    def inputs(device, dtype):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(b, side * side, c, device=device, dtype=dtype, generator=g)
+        w = torch.randn(c, 1, 3, 3, device=device, dtype=dtype, generator=g) / 3
+        bias = torch.randn(c, device=device, dtype=dtype, generator=g)
+        return (x.requires_grad_(), w.requires_grad_(), bias.requires_grad_()), (side, side)
+
+    e = b * side * side * c
+    # Forward reads x and writes y; backward reads x and dy and writes dx (weights and bias are ~C, negligible).
+    return Case(f"{tag}-B{b}-N{side * side}-C{c}", inputs, {"forward": 18 * e, "backward": 36 * e},
+                {"forward": 2 * e, "backward": 3 * e})  # fmt: skip
+
+
+def _mixffn_cases(backbone: str, crop: int, batch: int) -> list[Case]:
+    spec = MIT_SIZES[backbone.removeprefix("mit_")]
+    return [_mixffn_case(batch, crop // (4 * 2**i), spec.mlp_ratio * dim, f"{backbone}-stage{i + 1}")
+            for i, dim in enumerate(spec.embed_dims)]  # fmt: skip
+
+
+def _mixffn_spec() -> Spec:
+    from daformer_fast.kernels.mixffn import dwconv_gelu_triton
+    from daformer_fast.ops.mixffn import dwconv_gelu_ref
+
+    return Spec(dwconv_gelu_ref, dwconv_gelu_triton, None, _mixffn_cases, _mixffn_case(1, 10, 48, "smoke"))
+
+
+# Kernel module name → spec factory. A kernel in kernels/ without an entry is listed as not benchmarked.
+SPECS: dict[str, Callable[[], Spec]] = {"attention": _attention_spec, "mixffn": _mixffn_spec}
+
+
+def discover() -> list[str]:
+    """Kernel modules present in kernels/ (the daformer_fast.kernels package)."""
+    return sorted(m.name for m in pkgutil.iter_modules([str(REPO / "kernels")]) if not m.name.startswith("_"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().float(), ref.detach()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _bench(fn: Callable[[], object]) -> tuple[float, float, float]:
+    import triton.testing
+
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    return p20, p50, p80
+
+
+def _providers(spec: Spec) -> dict[str, Callable]:
+    # One compiled reference serves every stage shape and dtype: keep them all compiled instead of falling back.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    providers = {"reference": spec.reference, "compiled": torch.compile(spec.reference, dynamic=False)}
+    if spec.sdpa is not None:
+        providers["sdpa"] = spec.sdpa  # what kernels.impl=auto runs today for attention (ops/attention.py)
+    providers["triton"] = spec.triton
+    return providers
+
+
+def run_kernel(name: str, spec: Spec, args, device: torch.device, env: dict, writer) -> list[dict]:
+    peak = peak_for(device)
+    rows = []
+    for dtype_name in ("bf16", "fp32") if args.dtype == "both" else (args.dtype,):
+        dtype = DTYPES[dtype_name]
+        for case in spec.cases(args.backbone, args.crop, args.batch):
+            leaves, extra = case.inputs(device, dtype)
+            with torch.no_grad():
+                ref = spec.reference(*(x.detach().double() for x in leaves), *extra)
+            for provider, fn in _providers(spec).items():
+                row = {"kernel": name, "shape": case.shape_id, "dtype": dtype_name, "provider": provider}
+                try:
+                    out = fn(*leaves, *extra)
+                    err = _rel_err(out, ref)
+                    grad = torch.randn_like(out)
+                    times = {
+                        "forward": _bench(lambda fn=fn, leaves=leaves, extra=extra: fn(*leaves, *extra)),
+                        "backward": _bench(lambda out=out, grad=grad, leaves=leaves: torch.autograd.grad(
+                            out, leaves, grad, retain_graph=True)),
+                    }  # fmt: skip
+                except Exception as e:  # e.g. a shape the kernel rejects: record it, keep going
+                    rows.append({**row, "mode": "both", "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                for mode, (p20, p50, p80) in times.items():
+                    gb_s = case.bytes_per_elem[mode] * leaves[0].element_size() / (p50 * 1e-3) / 1e9
+                    tflops = case.flops[mode] / (p50 * 1e-3) / 1e12
+                    rows.append({
+                        **row, "mode": mode, "ms_p20": round(p20, 4), "ms_p50": round(p50, 4),
+                        "ms_p80": round(p80, 4), "gb_s": round(gb_s, 1),
+                        "bw_frac": round(gb_s / (peak.mem_tb_s * 1e3), 4) if peak else None,
+                        "tflops": round(tflops, 2),
+                        "flop_frac": round(tflops / peak.tflops(dtype_name), 4) if peak else None,
+                        "fwd_rel_err": f"{err:.2e}",
+                    })  # fmt: skip
+                del out, grad
+    for r in rows:
+        writer(r)
+    return rows
+
+
+def smoke(name: str, spec: Spec) -> bool:
+    """One forward and backward of the kernel in the Triton interpreter against the reference."""
+    case = spec.smoke
+    leaves, extra = case.inputs(torch.device("cpu"), torch.float32)
+    out = spec.triton(*leaves, *extra)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref = spec.reference(*ref_leaves, *extra)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+    errs = [_rel_err(out, ref)] + [_rel_err(a, b) for a, b in zip(grads, ref_grads)]
+    ok = all(e < 1e-4 for e in errs)
+    print(f"{name} {case.shape_id}: forward/backward relative errors {', '.join(f'{e:.1e}' for e in errs)} "
+          f"({'ok' if ok else 'FAIL'})")  # fmt: skip
+    return ok
+
+
+CSV_FIELDS = ["date", "device", "torch", "triton", "git", "kernel", "shape", "dtype", "provider", "mode", "ms_p20",
+              "ms_p50", "ms_p80", "gb_s", "bw_frac", "tflops", "flop_frac", "fwd_rel_err", "error"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="mit_b5")
+    p.add_argument("--crop", type=int, default=512)
+    p.add_argument("--batch", type=int, default=2, help="images per forward pass (2 source or 2 target)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "both"], default="both")
+    p.add_argument("--csv", default=str(REPO / "benchmarks" / "results" / "kernels.csv"))
+    p.add_argument("--kernels", nargs="*", help="only these kernel modules (default: all found)")
+    p.add_argument("--interpret-smoke", action="store_true", help="tiny CPU run in the Triton interpreter")
+    args = p.parse_args(argv)
+
+    found = discover()
+    names = [k for k in found if not args.kernels or k in args.kernels]
+    print(f"kernels in kernels/: {', '.join(found) or 'none'}")
+    for k in names:
+        if k not in SPECS:
+            print(f"  {k}: no benchmark spec in benchmarks/kernels.py yet; not benchmarked")
+    names = [k for k in names if k in SPECS]
+
+    if args.interpret_smoke:
+        importlib.import_module("triton")
+        ok = all(smoke(k, SPECS[k]()) for k in names)
+        return 0 if ok else 1
+    if not torch.cuda.is_available():
+        print("kernels.py: no CUDA device here; the Triton kernels need CUDA, so nothing was measured. "
+              "On a GPU machine run it there (benchmarks/gpu_check.sh does); `--interpret-smoke` runs a tiny "
+              "correctness check in Triton's CPU interpreter.")  # fmt: skip
+        return 0
+
+    device = torch.device("cuda")
+    env = environment(device)
+    base = {"date": env["date"], "device": env["device"], "torch": env["versions"]["torch"],
+            "triton": env["versions"]["triton"], "git": env["versions"]["git"]}  # fmt: skip
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+
+        def write(row: dict) -> None:
+            w.writerow({**base, **row})
+            f.flush()  # rows survive a timeout of the caller
+
+        print(f"{env['device']} | torch {base['torch']} | triton {base['triton']} | {args.backbone} {args.crop}² "
+              f"batch {args.batch}")  # fmt: skip
+        print(f"{'kernel':<10}{'shape':<34}{'dtype':<6}{'provider':<10}{'mode':<9}{'ms p50':>9}{'GB/s':>8}"
+              f"{'%BW':>6}{'TFLOP/s':>9}{'err':>9}")  # fmt: skip
+        for k in names:
+            for r in run_kernel(k, SPECS[k](), args, device, env, write):
+                if "error" in r:
+                    print(f"{r['kernel']:<10}{r['shape']:<34}{r['dtype']:<6}{r['provider']:<10}error: {r['error']}")
+                    continue
+                bw = f"{100 * r['bw_frac']:.0f}" if r["bw_frac"] is not None else "-"
+                print(f"{r['kernel']:<10}{r['shape']:<34}{r['dtype']:<6}{r['provider']:<10}{r['mode']:<9}"
+                      f"{r['ms_p50']:>9.4f}{r['gb_s']:>8.0f}{bw:>6}{r['tflops']:>9.1f}"
+                      f"{r['fwd_rel_err']:>9}")  # fmt: skip
+    print(f"rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
