@@ -71,6 +71,13 @@ def _needs_unpickling(path: Path) -> list[str] | None:
             return ["<legacy pickle>"] if f.read(2) == b"\x80\x02" else None
 
 
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch.save since 1.6) or a pickle stream (legacy torch.save)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:2] == b"\x80\x02"
+
+
 def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     """The file's top-level dict (on CPU). Raises CheckpointError with a short message on any failure."""
     path = Path(path)
@@ -101,6 +108,8 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
         except Exception as e2:
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e2).__name__}: {e2}") from None
     except Exception as e:  # EOFError, zip errors, OSError, ...
+        if not _looks_like_torch_file(path):  # random bytes raise anything from IndexError to OverflowError
+            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint or corrupt") from None
         msg = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {msg}") from None
     if isinstance(obj, nn.Module):  # a whole pickled model (trusted files only reach here)

@@ -364,7 +364,7 @@ def _bad_cases(tmp: Path, syn: Path) -> list[tuple[str, list[str], str]]:
     corrupt = _copy_source(syn, tmp / "corrupt", _corrupt)
     shrunk = _copy_source(syn, tmp / "shrunk", _shrink_label)
     ids = _copy_source(syn, tmp / "ids", _bad_label_values)
-    (tmp / "garbage.pth").write_bytes(os.urandom(4096))
+    (tmp / "garbage.pth").write_bytes(random.Random(0).randbytes(4096))
     torch.save({"student": Payload(tmp / "pwned"), "iteration": 1}, tmp / "payload.pth")
     (tmp / "evil.yaml").write_text("train: !!python/object/apply:os.getcwd []\n")
     return [
