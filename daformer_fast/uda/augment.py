@@ -38,8 +38,8 @@ from daformer_fast.config import UDAConfig
 __all__ = [
     "JitterParams", "StrongParams", "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation",
     "blur_kernel_size", "color_jitter", "color_jitter_reference", "draw_strong_params", "gaussian_blur",
-    "gaussian_blur_reference", "gaussian_kernel1d", "hsv_to_rgb", "rgb_to_hsv", "strong_transform",
-    "strong_transform_reference",
+    "gaussian_blur_reference", "gaussian_kernel1d", "hsv_to_rgb", "jitter_normalised", "rgb_to_hsv",
+    "strong_transform", "strong_transform_reference",
 ]  # fmt: skip
 
 TWO_PI = 2.0 * math.pi
@@ -253,12 +253,24 @@ def _norm_stats(values: Sequence[float] | torch.Tensor, like: torch.Tensor) -> t
     return _host_to_device(torch.tensor(values, dtype=like.dtype), like.device).view(1, 3, 1, 1)
 
 
+def jitter_normalised(
+    x_B3HW: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    params: JitterParams,
+    jitter_fn=color_jitter,
+) -> torch.Tensor:
+    """Colour jitter of a normalised batch: de-normalise to [0, 1], jitter, re-normalise (the reference's in-place
+    steps); `params` may be on the host."""
+    mean_1311, std_1311 = _norm_stats(mean, x_B3HW), _norm_stats(std, x_B3HW)
+    x01 = (x_B3HW * std_1311 + mean_1311) / 255.0
+    jp = JitterParams(*(_host_to_device(t, x_B3HW.device) for t in params))
+    return (jitter_fn(x01, jp) * 255.0 - mean_1311) / std_1311
+
+
 def _apply(x, mean, std, params: StrongParams, jitter_fn, blur_fn) -> torch.Tensor:
     if params.jitter:
-        mean_1311, std_1311 = _norm_stats(mean, x), _norm_stats(std, x)
-        x01 = (x * std_1311 + mean_1311) / 255.0  # de-normalise to [0, 1], as the reference does in place
-        jp = JitterParams(*(_host_to_device(t, x.device) for t in params.jitter_params))
-        x = (jitter_fn(x01, jp) * 255.0 - mean_1311) / std_1311
+        x = jitter_normalised(x, mean, std, params.jitter_params, jitter_fn)
     if params.blur:
         x = blur_fn(x, _host_to_device(params.sigma_B, x.device))
     return x

@@ -6,12 +6,14 @@ M_i marks the pixels of sample i whose label is among the chosen classes. Becaus
 often receives fewer than half of its own classes (known quirk, DAFormer issue #19, kept for fidelity); if 255 is
 picked, the source's ignore regions are pasted and stay 255 in the mixed label.
 
-Sync-free formulation (`class_masks`): instead of `torch.unique` (a device→host sync) the batch's classes are a
-presence vector over the 256 possible label values, filled by a scatter. Each sample gets i.i.d. uniform keys
-for all 256 values; absent values get +inf. Ranking the keys yields a uniformly random order of the present
-classes, so "rank < k" selects a uniformly random k-subset of K — the distribution of `np.random.choice(K, k,
-replace=False)`. `class_masks_reference` consumes the same keys but follows the reference's per-sample order
-(unique, choose, compare), so both give identical masks for the same generator state.
+Sync-free formulation: instead of `torch.unique` (a device→host sync) the batch's classes are a presence vector
+over the 256 possible label values, filled by a scatter. Each sample gets i.i.d. uniform keys for all 256 values;
+absent values get +inf. Ranking the keys yields a uniformly random order of the present classes, so "rank < k"
+selects a uniformly random k-subset of K — the distribution of `np.random.choice(K, k, replace=False)`.
+`chosen_classes` returns that choice as a (B, 256) table, `masks_from_chosen` looks it up at every pixel (the fused
+mixing kernel does the same lookup itself) and `class_masks` does both. `class_masks_reference` consumes the same
+keys but follows the reference's per-sample order (unique, choose, compare), so both give identical masks for the
+same generator state.
 
 Shape legend: B batch, H/W crop resolution, V = 256 possible label values.
 """
@@ -22,7 +24,7 @@ import math
 
 import torch
 
-__all__ = ["class_masks", "class_masks_reference", "draw_class_keys", "mix"]
+__all__ = ["chosen_classes", "class_masks", "class_masks_reference", "draw_class_keys", "masks_from_chosen", "mix"]
 
 NUM_VALUES = 256  # labels are uint8 train ids (0..K−1) or 255
 
@@ -43,22 +45,21 @@ def draw_class_keys(batch_size: int, generator: torch.Generator) -> torch.Tensor
     return torch.rand(batch_size, NUM_VALUES, generator=generator, dtype=torch.float64)
 
 
-def class_masks(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Batched, sync-free ClassMix masks.
+def chosen_classes(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Batched, sync-free ClassMix choice: which of the 256 label values get pasted for each sample.
 
     Args:
         labels_BHW: source labels, integer values in [0, 256) (255 = ignore).
         generator: CPU generator for the class choice.
 
     Returns:
-        mask_B1HW: bool, True where sample i's label is one of the classes chosen for sample i.
+        chosen_BV: bool, True for the k = ceil(|K|/2) values of the batch's classes K chosen for sample i.
     """
     B = labels_BHW.shape[0]
     device = labels_BHW.device
     keys_BV = _host_to_device(draw_class_keys(B, generator), device)
-    labels_BN = labels_BHW.reshape(B, -1).long()
     present_V = torch.zeros(NUM_VALUES, dtype=torch.bool, device=device)
-    present_V.scatter_(0, labels_BN.reshape(-1), True)
+    present_V.scatter_(0, labels_BHW.reshape(-1).long(), True)
     num_present = present_V.sum()
     k = (num_present + 1) // 2  # ceil(n/2); the reference writes (n + n % 2) / 2
     keys_BV = torch.where(present_V, keys_BV, torch.inf)
@@ -66,9 +67,19 @@ def class_masks(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.T
     order_BV = torch.argsort(keys_BV, dim=1, stable=True)
     arange_BV = torch.arange(NUM_VALUES, device=device).expand(B, NUM_VALUES)
     rank_BV = torch.empty_like(order_BV).scatter_(1, order_BV, arange_BV)
-    chosen_BV = rank_BV < k
-    mask_BN = torch.gather(chosen_BV, 1, labels_BN)
+    return rank_BV < k
+
+
+def masks_from_chosen(labels_BHW: torch.Tensor, chosen_BV: torch.Tensor) -> torch.Tensor:
+    """mask_B1HW = chosen_BV[i, labels[i, p]]: True where the pixel's class was chosen for its sample."""
+    B = labels_BHW.shape[0]
+    mask_BN = torch.gather(chosen_BV, 1, labels_BHW.reshape(B, -1).long())
     return mask_BN.view(B, 1, *labels_BHW.shape[1:])
+
+
+def class_masks(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Batched, sync-free ClassMix masks: bool (B, 1, H, W), `chosen_classes` looked up at every pixel."""
+    return masks_from_chosen(labels_BHW, chosen_classes(labels_BHW, generator))
 
 
 def class_masks_reference(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
