@@ -5,6 +5,7 @@ Importing this package never imports Triton.
 
 from daformer_fast.ops._dispatch import choose_impl, default_impl, set_default_impl
 from daformer_fast.ops.attention import attention, attention_ref
+from daformer_fast.ops.classmix_aug import gaussian_blur_op, gaussian_blur_ref, mix_and_jitter, mix_and_jitter_ref
 from daformer_fast.ops.mixffn import dwconv_gelu, dwconv_gelu_ref
 
 __all__ = [
@@ -14,5 +15,9 @@ __all__ = [
     "default_impl",
     "dwconv_gelu",
     "dwconv_gelu_ref",
+    "gaussian_blur_op",
+    "gaussian_blur_ref",
+    "mix_and_jitter",
+    "mix_and_jitter_ref",
     "set_default_impl",
 ]
