@@ -6,7 +6,8 @@ augmentation, ImageNet feature distance and rare-class-sampled source batches.
 
 Two paths compute the same thing (`train.path`):
 - `fast`: batched stages, no host synchronisation inside the step, the source CE and FD backward fused into one
-  (author-endorsed, recipe §8b), fused AdamW whose update is skipped on the device when a gradient is non-finite.
+  (author-endorsed, recipe §8b), ClassMix with colour jitter in one op and the blur in another (`ops.classmix_aug`),
+  fused AdamW whose update is skipped on the device when a gradient is non-finite.
 - `reference`: the original's order — per-sample ClassMix and augmentation loops, three separate backward passes,
   the pseudo-label weight read back to the host, the for-loop AdamW.
 `train.precision=bf16` (autocast) and `train.compile` apply to either path (the original is fp32 eager; the
@@ -32,8 +33,9 @@ from daformer_fast.config import Config
 from daformer_fast.data.pipeline import _norm_stats, normalize
 from daformer_fast.models.mit import DropPath, MixVisionTransformer
 from daformer_fast.models.segmentor import Segmentor, param_groups
-from daformer_fast.uda.augment import strong_transform, strong_transform_reference
-from daformer_fast.uda.classmix import class_masks, class_masks_reference, mix
+from daformer_fast.ops.classmix_aug import gaussian_blur_op, mix_and_jitter
+from daformer_fast.uda.augment import draw_strong_params, strong_transform_reference
+from daformer_fast.uda.classmix import chosen_classes, class_masks_reference, mix
 from daformer_fast.uda.ema import update_ema
 from daformer_fast.uda.fdist import feature_distance
 from daformer_fast.uda.losses import seg_ce_loss
@@ -197,10 +199,12 @@ class UDAStep:
         # Target: teacher pseudo-labels, ClassMix with the source, strong augmentation; weighted loss.
         with self._autocast():
             pl, pw = self._pseudo_labels(tgt)
-        mask = class_masks(gt, gen)
-        mixed_img = strong_transform(mix(mask, img, tgt), self.mean, self.std, gen, self.uda)
-        mixed_lbl = mix(mask, gt, pl)
-        mixed_w = mix(mask, torch.ones_like(pw), pw)
+        chosen = chosen_classes(gt, gen)  # source classes pasted into each target image (§2.4)
+        aug = draw_strong_params(img.shape[0], gen, self.uda)  # jitter/blur switches, factors, σ (§2.5)
+        jitter = aug.jitter_params if aug.jitter else None
+        mixed_img, mixed_lbl, mixed_w, mask = mix_and_jitter(img, tgt, gt, pl, pw, chosen, jitter, self.mean, self.std)
+        if aug.blur:
+            mixed_img = gaussian_blur_op(mixed_img, aug.sigma_B)
         with self._autocast():
             loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
         loss_mix.backward()
