@@ -23,7 +23,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if "--interpret-smoke" in sys.argv:
@@ -43,12 +43,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 @dataclass
 class Case:
     """One kernel call: inputs (tensors needing grad, then static arguments), the FLOPs and minimal elements moved
-    of each mode, and an id."""
+    of each mode, and an id. Ops on data (no gradients) take tensors that need none and time the forward only."""
 
     shape_id: str
     inputs: Callable[[torch.device, torch.dtype], tuple[tuple[torch.Tensor, ...], tuple]]
     flops: dict[str, int]
     bytes_per_elem: dict[str, int]  # elements moved per mode; times the element size gives bytes
+    fixed_bytes: dict[str, int] = field(default_factory=dict)  # bytes of tensors whose dtype does not vary (labels)
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Spec:
     sdpa: Callable | None
     cases: Callable[[str, int, int], list[Case]]
     smoke: Case
+    differentiable: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,8 +136,75 @@ def _mixffn_spec() -> Spec:
     return Spec(dwconv_gelu_ref, dwconv_gelu_triton, None, _mixffn_cases, _mixffn_case(1, 10, 48, "smoke"))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# classmix_aug and blur: DACS's mixed batch (data only, forward only), at the training crop.
+
+
+def _classmix_case(b: int, side: int, jitter: bool, tag: str) -> Case:
+    def inputs(device, dtype):
+        from daformer_fast.config import UDAConfig
+        from daformer_fast.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+        from daformer_fast.uda.augment import draw_strong_params
+        from daformer_fast.uda.classmix import chosen_classes
+
+        g = torch.Generator().manual_seed(0)
+        img, tgt = (torch.randn(b, 3, side, side, generator=g).to(device, dtype) for _ in range(2))
+        # 18 classes, 9 chosen per sample: about half the pixels pasted (m ≈ ½ in the byte count).
+        gt, pl = (torch.randint(0, 18, (b, side, side), generator=g).to(device) for _ in range(2))
+        pw = torch.rand(b, side, side, generator=g).to(device)
+        chosen = chosen_classes(gt, g)
+        params = draw_strong_params(b, g, UDAConfig()).jitter_params if jitter else None
+        return (img, tgt, gt, pl, pw, chosen), (params, IMAGENET_MEAN, IMAGENET_STD)
+
+    px = b * side * side
+    # Image: 3 values of the side that shows read, 3 written. Fixed: gt read (8), pseudo-label and weight read
+    # where the target shows (12·½), label, weight and mask written (8 + 4 + 1). FLOPs: kernels/classmix_aug.py.
+    return Case(f"{tag}-B{b}-{side}x{side}-{'jitter' if jitter else 'mix'}", inputs,
+                {"forward": 200 * px if jitter else 0}, {"forward": 6 * px}, {"forward": 27 * px})  # fmt: skip
+
+
+def _classmix_spec() -> Spec:
+    from functools import partial
+
+    from daformer_fast.ops.classmix_aug import mix_and_jitter, mix_and_jitter_ref
+
+    def cases(backbone: str, crop: int, batch: int) -> list[Case]:
+        return [_classmix_case(batch, crop, jitter, "mixed-batch") for jitter in (True, False)]
+
+    triton = partial(mix_and_jitter, impl="triton")
+    return Spec(mix_and_jitter_ref, triton, None, cases, _classmix_case(2, 20, True, "smoke"), differentiable=False)
+
+
+def _blur_case(b: int, h: int, w: int, tag: str) -> Case:
+    from daformer_fast.uda.augment import blur_kernel_size
+
+    def inputs(device, dtype):
+        g = torch.Generator().manual_seed(0)
+        sigma = 0.15 + torch.rand(b, generator=g, dtype=torch.float64)  # the training range of σ
+        return (torch.randn(b, 3, h, w, generator=g).to(device, dtype),), (sigma,)
+
+    e = b * 3 * h * w
+    # A multiply-add per tap in each direction; the floor reads the image once and writes the result once.
+    flops = 2 * (blur_kernel_size(h) + blur_kernel_size(w)) * e
+    return Case(f"{tag}-B{b}-3x{h}x{w}", inputs, {"forward": flops}, {"forward": 2 * e})
+
+
+def _blur_spec() -> Spec:
+    from functools import partial
+
+    from daformer_fast.ops.classmix_aug import gaussian_blur_op, gaussian_blur_ref
+
+    def cases(backbone: str, crop: int, batch: int) -> list[Case]:
+        return [_blur_case(batch, crop, crop, "mixed-batch")]
+
+    triton = partial(gaussian_blur_op, impl="triton")
+    return Spec(gaussian_blur_ref, triton, None, cases, _blur_case(2, 25, 45, "smoke"), differentiable=False)
+
+
 # Kernel module name → spec factory. A kernel in kernels/ without an entry is listed as not benchmarked.
-SPECS: dict[str, Callable[[], Spec]] = {"attention": _attention_spec, "mixffn": _mixffn_spec}
+SPECS: dict[str, Callable[[], Spec]] = {
+    "attention": _attention_spec, "blur": _blur_spec, "classmix_aug": _classmix_spec, "mixffn": _mixffn_spec,
+}  # fmt: skip
 
 
 def discover() -> list[str]:
@@ -146,9 +215,17 @@ def discover() -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().float(), ref.detach()
+def _rel_err(out: torch.Tensor | tuple, ref: torch.Tensor | tuple) -> float:
+    """Relative L2 error; the largest over the outputs of a multi-output op (labels and masks as numbers)."""
+    if isinstance(out, tuple):
+        return max(_rel_err(o, r) for o, r in zip(out, ref, strict=True))
+    out, ref = out.detach().double(), ref.detach().double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    """fp64 copy of a floating input for the reference evaluation; integer and bool inputs stay as they are."""
+    return x.detach().double() if x.is_floating_point() else x
 
 
 def _bench(fn: Callable[[], object]) -> tuple[float, float, float]:
@@ -176,23 +253,24 @@ def run_kernel(name: str, spec: Spec, args, device: torch.device, env: dict, wri
         for case in spec.cases(args.backbone, args.crop, args.batch):
             leaves, extra = case.inputs(device, dtype)
             with torch.no_grad():
-                ref = spec.reference(*(x.detach().double() for x in leaves), *extra)
+                ref = spec.reference(*(_double(x) for x in leaves), *extra)
             for provider, fn in _providers(spec).items():
                 row = {"kernel": name, "shape": case.shape_id, "dtype": dtype_name, "provider": provider}
                 try:
                     out = fn(*leaves, *extra)
                     err = _rel_err(out, ref)
-                    grad = torch.randn_like(out)
-                    times = {
-                        "forward": _bench(lambda fn=fn, leaves=leaves, extra=extra: fn(*leaves, *extra)),
-                        "backward": _bench(lambda out=out, grad=grad, leaves=leaves: torch.autograd.grad(
-                            out, leaves, grad, retain_graph=True)),
-                    }  # fmt: skip
+                    times = {"forward": _bench(lambda fn=fn, leaves=leaves, extra=extra: fn(*leaves, *extra))}
+                    grad = None
+                    if spec.differentiable:
+                        grad = torch.randn_like(out)
+                        times["backward"] = _bench(lambda out=out, grad=grad, leaves=leaves: torch.autograd.grad(
+                            out, leaves, grad, retain_graph=True))  # fmt: skip
                 except Exception as e:  # e.g. a shape the kernel rejects: record it, keep going
                     rows.append({**row, "mode": "both", "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
                 for mode, (p20, p50, p80) in times.items():
-                    gb_s = case.bytes_per_elem[mode] * leaves[0].element_size() / (p50 * 1e-3) / 1e9
+                    moved = case.bytes_per_elem[mode] * leaves[0].element_size() + case.fixed_bytes.get(mode, 0)
+                    gb_s = moved / (p50 * 1e-3) / 1e9
                     tflops = case.flops[mode] / (p50 * 1e-3) / 1e12
                     rows.append({
                         **row, "mode": mode, "ms_p20": round(p20, 4), "ms_p50": round(p50, 4),
@@ -209,15 +287,17 @@ def run_kernel(name: str, spec: Spec, args, device: torch.device, env: dict, wri
 
 
 def smoke(name: str, spec: Spec) -> bool:
-    """One forward and backward of the kernel in the Triton interpreter against the reference."""
+    """One forward (and backward, if the op has one) of the kernel in the Triton interpreter against the reference."""
     case = spec.smoke
     leaves, extra = case.inputs(torch.device("cpu"), torch.float32)
     out = spec.triton(*leaves, *extra)
-    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-    ref_leaves = [x.detach().double().requires_grad_() for x in leaves]
+    ref_leaves = [_double(x).requires_grad_(spec.differentiable) for x in leaves]
     ref = spec.reference(*ref_leaves, *extra)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
-    errs = [_rel_err(out, ref)] + [_rel_err(a, b) for a, b in zip(grads, ref_grads)]
+    errs = [_rel_err(out, ref)]
+    if spec.differentiable:
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+        errs += [_rel_err(a, b) for a, b in zip(grads, ref_grads)]
     ok = all(e < 1e-4 for e in errs)
     print(f"{name} {case.shape_id}: forward/backward relative errors {', '.join(f'{e:.1e}' for e in errs)} "
           f"({'ok' if ok else 'FAIL'})")  # fmt: skip
