@@ -7,6 +7,8 @@ from daformer_fast.ops._dispatch import choose_impl, default_impl, set_default_i
 from daformer_fast.ops.attention import attention, attention_ref
 from daformer_fast.ops.classmix_aug import gaussian_blur_op, gaussian_blur_ref, mix_and_jitter, mix_and_jitter_ref
 from daformer_fast.ops.mixffn import dwconv_gelu, dwconv_gelu_ref
+from daformer_fast.ops.pseudo_label import pseudo_label_argmax, pseudo_label_argmax_ref
+from daformer_fast.ops.seg_ce import seg_ce, seg_ce_ref
 
 __all__ = [
     "attention",
@@ -19,5 +21,9 @@ __all__ = [
     "gaussian_blur_ref",
     "mix_and_jitter",
     "mix_and_jitter_ref",
+    "pseudo_label_argmax",
+    "pseudo_label_argmax_ref",
+    "seg_ce",
+    "seg_ce_ref",
     "set_default_impl",
 ]

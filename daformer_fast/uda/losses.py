@@ -15,16 +15,11 @@ Shape legend: B batch, K classes, H/W label resolution, h/w logit resolution.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from daformer_fast.ops._dispatch import Impl
+from daformer_fast.ops.seg_ce import seg_ce, upsample_logits
 
 __all__ = ["acc_seg", "seg_ce_loss", "upsample_logits"]
-
-
-def upsample_logits(logits_BKhw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of logits to `size`; a no-op when the size already matches."""
-    if tuple(logits_BKhw.shape[-2:]) == tuple(size):
-        return logits_BKhw
-    return F.interpolate(logits_BKhw, size=size, mode="bilinear", align_corners=False)
 
 
 def seg_ce_loss(
@@ -32,6 +27,7 @@ def seg_ce_loss(
     labels_BHW: torch.Tensor,
     weight_BHW: torch.Tensor | None = None,
     ignore_index: int = 255,
+    impl: Impl | None = None,
 ) -> torch.Tensor:
     """Pixel-weighted cross-entropy averaged over every label pixel (ignored pixels count in the denominator).
 
@@ -41,16 +37,13 @@ def seg_ce_loss(
         weight_BHW: optional per-pixel weights (ClassMix: 1 on pasted source pixels, the pseudo-label
             confidence q elsewhere, 0 in the pseudo-label crop rows).
         ignore_index: label value that contributes zero loss.
+        impl: implementation (`ops.seg_ce`: the reference or the fused upsample + CE kernel); None takes the
+            process default.
 
     Returns:
         A 0-dim loss tensor.
     """
-    logits_BKHW = upsample_logits(logits_BKhw, labels_BHW.shape[-2:])
-    # reduction="none" already gives 0 at ignored pixels; the mean below then divides by B·H·W as mmseg 0.16 does.
-    ce_BHW = F.cross_entropy(logits_BKHW, labels_BHW.long(), reduction="none", ignore_index=ignore_index)
-    if weight_BHW is not None:
-        ce_BHW = ce_BHW * weight_BHW.to(ce_BHW.dtype)
-    return ce_BHW.mean()
+    return seg_ce(logits_BKhw, labels_BHW, weight_BHW, ignore_index, impl=impl)
 
 
 @torch.no_grad()

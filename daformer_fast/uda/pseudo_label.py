@@ -18,7 +18,9 @@ Shape legend: B batch, K classes, H/W crop resolution, h/w logit resolution.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from daformer_fast.ops._dispatch import Impl
+from daformer_fast.ops.pseudo_label import pseudo_label_argmax
 
 __all__ = ["pseudo_label"]
 
@@ -30,6 +32,7 @@ def pseudo_label(
     threshold: float,
     ignore_top: int,
     ignore_bottom: int,
+    impl: Impl | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels and per-pixel weights from teacher logits.
 
@@ -39,24 +42,21 @@ def pseudo_label(
         threshold: inclusive softmax confidence threshold (0.968 in the paper).
         ignore_top: number of top rows whose weight is set to 0.
         ignore_bottom: number of bottom rows whose weight is set to 0.
+        impl: implementation of the upsample/softmax/argmax/count part (`ops.pseudo_label_argmax`); None takes
+            the process default.
 
     Returns:
         label_BHW: int64 argmax class per pixel.
         weight_BHW: float32, q everywhere except the zeroed rows.
     """
     H, W = size
-    logits_BKHW = teacher_logits_BKhw
-    if tuple(logits_BKHW.shape[-2:]) != (H, W):
-        logits_BKHW = F.interpolate(logits_BKHW, size=(H, W), mode="bilinear", align_corners=False)
-    # fp32 softmax even under bf16 autocast: the 0.968 threshold sits where bf16 (8-bit mantissa) steps by ~0.004.
-    prob_BKHW = torch.softmax(logits_BKHW.float(), dim=1)
-    prob_BHW, label_BHW = prob_BKHW.max(dim=1)
+    B = teacher_logits_BKhw.shape[0]
+    label_BHW, num_confident = pseudo_label_argmax(teacher_logits_BKhw, (H, W), threshold, impl=impl)
     # Count in int64 and divide in float64, as the reference does (`sum().item() / size` in Python), then round
     # once to float32; a float32 mean could differ in the last bit.
-    num_confident = (prob_BHW >= threshold).sum()
-    q = (num_confident.double() / prob_BHW.numel()).float()
-    rows_H = torch.arange(H, device=prob_BHW.device)
+    q = (num_confident.double() / (B * H * W)).float()
+    rows_H = torch.arange(H, device=label_BHW.device)
     keep_H = (rows_H >= ignore_top) & (rows_H < H - ignore_bottom)
-    weight_BHW = torch.where(keep_H.view(1, H, 1), q, torch.zeros((), device=q.device)).expand(label_BHW.shape[0], H, W)
+    weight_BHW = torch.where(keep_H.view(1, H, 1), q, torch.zeros((), device=q.device)).expand(B, H, W)
     # A real (not expanded) tensor: callers mix it with torch.where and may write into it.
     return label_BHW, weight_BHW.contiguous()
