@@ -201,9 +201,59 @@ def _blur_spec() -> Spec:
     return Spec(gaussian_blur_ref, triton, None, cases, _blur_case(2, 25, 45, "smoke"), differentiable=False)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# pseudo_label and seg_ce: the decode head's 1/4-resolution logits consumed at the crop size (19 Cityscapes classes)
+# without storing them there. FLOPs and bytes per label pixel: the kernel modules' docstrings.
+
+
+def _logits_case(b: int, k: int, side: int, crop: int, tag: str, for_loss: bool) -> Case:
+    def inputs(device, dtype):
+        g = torch.Generator().manual_seed(0)
+        logits = (4 * torch.randn(b, k, side, side, generator=g)).to(device, dtype)
+        if not for_loss:
+            return (logits,), ((crop, crop), 0.968)
+        labels = torch.randint(0, k, (b, crop, crop), generator=g)
+        labels[torch.rand(b, crop, crop, generator=g) < 0.1] = 255
+        weight = torch.rand(b, crop, crop, generator=g)
+        return (logits.requires_grad_(),), (labels.to(device), weight.to(device), 255)
+
+    px, logit_elems = b * crop * crop, b * k * side * side
+    if for_loss:
+        # Forward reads the logits, labels (int64) and weights (fp32); backward reads them again and writes the
+        # logits' gradient. The kernel's saved log-sum-exp (4 B written, 4 B read per pixel) is above this floor.
+        flops = {"forward": 12 * k * px, "backward": 48 * k * px}
+        elems = {"forward": logit_elems, "backward": 2 * logit_elems}
+        return Case(f"{tag}-B{b}-K{k}-{side}to{crop}", inputs, flops, elems, {"forward": 12 * px, "backward": 12 * px})
+    # Reads the logits once and writes the int64 labels (the count is one number).
+    return Case(f"{tag}-B{b}-K{k}-{side}to{crop}", inputs, {"forward": (11 * k + 1) * px}, {"forward": logit_elems},
+                {"forward": 8 * px})  # fmt: skip
+
+
+def _pseudo_label_spec() -> Spec:
+    from daformer_fast.kernels.pseudo_label import pseudo_label_triton
+    from daformer_fast.ops.pseudo_label import pseudo_label_argmax_ref
+
+    def cases(backbone: str, crop: int, batch: int) -> list[Case]:
+        return [_logits_case(batch, 19, crop // 4, crop, "teacher", for_loss=False)]
+
+    smoke = _logits_case(2, 19, 6, 21, "smoke", for_loss=False)
+    return Spec(pseudo_label_argmax_ref, pseudo_label_triton, None, cases, smoke, differentiable=False)
+
+
+def _seg_ce_spec() -> Spec:
+    from daformer_fast.kernels.seg_ce import seg_ce_triton
+    from daformer_fast.ops.seg_ce import seg_ce_ref
+
+    def cases(backbone: str, crop: int, batch: int) -> list[Case]:
+        return [_logits_case(batch, 19, crop // 4, crop, "student", for_loss=True)]
+
+    return Spec(seg_ce_ref, seg_ce_triton, None, cases, _logits_case(2, 19, 5, 17, "smoke", for_loss=True))
+
+
 # Kernel module name → spec factory. A kernel in kernels/ without an entry is listed as not benchmarked.
 SPECS: dict[str, Callable[[], Spec]] = {
     "attention": _attention_spec, "blur": _blur_spec, "classmix_aug": _classmix_spec, "mixffn": _mixffn_spec,
+    "pseudo_label": _pseudo_label_spec, "seg_ce": _seg_ce_spec,
 }  # fmt: skip
 
 
