@@ -32,8 +32,10 @@ Cost, K classes, s the logits' element size, per label pixel (counting exp and l
 - backward: the useful work is 4 corners × (interpolation 7 + exp, subtraction, one-hot, multiply-add 4) ≈ 48·K
   FLOPs per pixel (the window's masked lanes not counted); bytes 8 + 4 + 4 (label, weight, log-sum-exp read) plus
   the logits read and their gradient written once, 2·K·s·h·w/(H·W).
-B = 2, K = 19, 128² → 512², bf16: forward 120 MFLOP / 9.6 MB, backward 480 MFLOP / 10.9 MB. Both are memory-bound
-at the H100 ridge only if the exponentials keep up; the backward's recomputation makes it the compute-heavy one.
+B = 2, K = 19, 128² → 512², bf16: forward 120 MFLOP / 9.6 MB (12 FLOP/B, below the H100's fp32 ridge of about 20:
+memory-bound), backward 480 MFLOP / 10.9 MB (44 FLOP/B before the window's masked lanes: compute-bound, with the
+recomputed exponentials the likely limit). If a GPU profile confirms that, the next step is one program per cell
+between four logit centres computing each pixel once and writing per-corner partial sums, added afterwards.
 
 Numerics: fp32 interpolation, softmax and sums; the logits' gradient is rounded once on store. Labels outside
 [0, K) other than `ignore_index` are not checked on the device (the reference raises; checking here would need a

@@ -10,6 +10,9 @@ used as the loss weight of every target pixel. Only after q is computed are the 
 `ignore_bottom` rows zeroed (rectification border and ego vehicle); this happens before mixing, so source pixels
 pasted into those rows keep weight 1.
 
+The upsample, softmax, argmax and count are `ops.pseudo_label_argmax` (the reference, or a fused kernel that never
+stores the full-resolution logits); the weight map is formed here, the same for both.
+
 q stays on the device as a tensor: the reference reads it with `.item()`, a host sync this version avoids.
 
 Shape legend: B batch, K classes, H/W crop resolution, h/w logit resolution.
