@@ -145,6 +145,24 @@ def test_non_finite_loss_skips_update(base_model, path):
     assert all(float(s["step"]) == 0 for s in state.values())  # the skipped update is not counted either
 
 
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_overflowing_gradient_skips_update(base_model, path):
+    """A finite gradient whose square overflows fp32 would leave AdamW's exp_avg_sq at inf: skipped instead."""
+    step, _ = _run(_cfg(path), base_model, [], [])
+    params = list(step.student.parameters())
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    params[3].grad.view(-1)[0] = 1e20  # finite, but 1e40 is not
+    assert step._optimizer_step(torch.tensor(1.0, device=DEVICE)) == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(float(s["step"]) == 0 for s in step.optimizer.state.values())
+    params[3].grad.view(-1)[0] = 1e3  # large but harmless: the update happens
+    assert step._optimizer_step(torch.tensor(1.0, device=DEVICE)) == 0
+    assert not torch.equal(params[3], before[3])
+    assert all(torch.isfinite(s["exp_avg_sq"]).all() for s in step.optimizer.state.values())
+
+
 @pytest.mark.parametrize("mode", ["source_only", "target_only"])
 def test_supervised_baselines(base_model, mode):
     cfg = _cfg(mode=mode)

@@ -150,10 +150,15 @@ class UDAStep:
         )  # fmt: skip
 
     def _optimizer_step(self, loss_total: torch.Tensor) -> torch.Tensor:
-        """Apply the update unless a loss or gradient is non-finite; returns 1.0 if skipped, else 0.0."""
+        """Apply the update unless a loss or gradient is non-finite; returns 1.0 if skipped, else 0.0.
+
+        The gradient test is on each tensor's L2 norm: besides NaN and inf it catches finite gradients whose square
+        overflows fp32 (|g| ≳ 1e19), which would turn AdamW's second moment into inf and silently freeze that
+        parameter for good (m / inf = 0); on CPU, bf16 autocast produced such garbage gradients sporadically.
+        """
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        found_inf = (~torch.isfinite(loss_total.detach())).float().reshape(())
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones((), device=found_inf.device))
+        norms = torch._foreach_norm(grads) if grads else []
+        found_inf = (~torch.isfinite(torch.stack([loss_total.detach().float(), *norms]))).any().float()
         if self.optimizer.defaults.get("fused"):
             # The fused kernel skips the update (and the step count) on the device when found_inf is set:
             # the guard costs no host synchronisation (the mechanism torch's GradScaler uses).
