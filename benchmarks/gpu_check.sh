@@ -59,7 +59,7 @@ if [[ $DRY == 1 ]]; then
         --json "$RES/throughput.json"
 else
     # 3. Kernel tests and the fast-vs-reference parity tests, on the GPU.
-    part tests 100 python -m pytest -q -x tests/kernels tests/test_train_step.py -p no:cacheprovider
+    part tests 150 python -m pytest -q -x tests/kernels tests/test_train_step.py -p no:cacheprovider
     # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers.
     part throughput-eager 100 python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
         --skip +compile --json "$RES/throughput_eager.json"
