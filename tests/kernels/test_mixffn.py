@@ -129,7 +129,23 @@ def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
     torch.testing.assert_close(
         dwconv_gelu(x, weight.cpu(), bias.cpu(), 3, 3, impl="auto"), dwconv_gelu_ref(x, weight.cpu(), bias.cpu(), 3, 3)
     )
-    assert "dwconv_gelu: using reference (tensor not on CUDA)" in [r.getMessage() for r in ops_log.records]
+    msgs = [r.getMessage() for r in ops_log.records if r.getMessage().startswith("dwconv_gelu:")]
+    assert msgs == ["dwconv_gelu: using reference (tensor not on CUDA; auto keeps the reference until the kernel is "
+                    "measured faster on GPU)"]  # fmt: skip
+
+
+def test_auto_keeps_reference_until_measured(monkeypatch, ops_log):
+    """Even where the kernel could run, `auto` takes the reference while _AUTO_USES_TRITON is off."""
+    import daformer_fast.ops.mixffn as om
+
+    _dispatch._logged.clear()
+    monkeypatch.setattr(om, "device_reasons", lambda tensors, impl: [])  # as if the tensors were on CUDA
+    monkeypatch.setattr(km, "dwconv_gelu_triton", lambda *a: pytest.fail("auto must not run the kernel yet"))
+    x, weight, bias = _inputs(1, 3, 3, 4, torch.float32)
+    dwconv_gelu(x.cpu(), weight.cpu(), bias.cpu(), 3, 3, impl="auto")
+    monkeypatch.setattr(om, "_AUTO_USES_TRITON", True)
+    monkeypatch.setattr(km, "dwconv_gelu_triton", lambda *a: "kernel")
+    assert dwconv_gelu(x.cpu(), weight.cpu(), bias.cpu(), 3, 3, impl="auto") == "kernel"
 
 
 def test_forced_triton_rejects_unsupported_inputs(monkeypatch):
