@@ -6,7 +6,8 @@ process, with the optimisation ladder between them.
 
 Ladder (cumulative; each rung changes one setting of the rung above it, everything else comes from the config):
 fp32 eager reference (`train.path=reference`, `kernels.impl=reference`) → +bf16 → +compile → +sync-free batched
-step (`train.path=fast`) → +fused kernels (`kernels.impl=auto`) → +DALI (`data.loader=dali`, only with
+step (`train.path=fast`) → +fused kernels (`kernels.impl=triton` on CUDA, forcing every Triton kernel: the
+measurement `auto` waits for; `auto` elsewhere) → +DALI (`data.loader=dali`, only with
 `--real-data` on CUDA with DALI installed). A rung that cannot run here is skipped with the reason, and the rungs
 below it go on without its change. "reference" in the JSON is the first rung, "fast" the last one measured.
 
@@ -295,6 +296,10 @@ def run_benchmark(
                 entry.update(status="skipped", reason=why)
                 log(f"{name}: skipped ({why})")
                 continue
+            if change.get("kernels") == "auto" and device.type == "cuda":
+                # `auto` keeps the references until the kernels are measured; this rung is that measurement.
+                change = {**change, "kernels": "triton"}
+                entry["change"] = change
             candidate = dataclasses.replace(setting, **change)
             if order == "sequential":
                 live.clear()
