@@ -228,16 +228,28 @@ def _env_of(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
+def _torchrun(cfg: Path, tag: str, *args: str) -> subprocess.Popen:
+    log = open(cfg.parent / f"torchrun_{tag}.txt", "w")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+           "-m", "daformer_fast.train", str(cfg), "--resume", "auto"]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    p.out_path = Path(log.name)  # type: ignore[attr-defined]
+    log.close()
+    return p
+
+
+def _logged_steps(work: Path) -> list[int]:
+    try:
+        return [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines() if line]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
 def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path, syn):
     """--max-restarts=1: SIGKILL of rank 1 mid-run → torchrun restarts both ranks, which resume and finish."""
     cfg = _config(tmp_path, syn, max_iters=6, deterministic=False)
     work = tmp_path / "work"
-    log = open(tmp_path / "torchrun.txt", "w")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "daformer_fast.train", str(cfg), "--resume", "auto"]  # fmt: skip
-    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    p.out_path = Path(log.name)
-    log.close()
+    p = _torchrun(cfg, "elastic", "--max-restarts=1")
     _wait(lambda: 2 in _iters(work), p)
     rank1 = [c for c in _children(p.pid) if _env_of(c).get("RANK") == "1"]
     assert len(rank1) == 1 and _env_of(rank1[0]).get("TORCHELASTIC_RESTART_COUNT") == "0"
@@ -246,6 +258,29 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path, syn):
     train_log = (work / "train.log").read_text()
     assert "resumed from" in train_log and train_log.count("2 process(es)") == 2
     assert _iters(work)[-1] == 6 and read_checkpoint(work / "latest.pth")["iteration"] == 6
+
+
+def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_iteration(tmp_path, syn):
+    """Only rank 1 gets SIGTERM; rank 0 must learn of it through the all-reduced flag, both checkpoint at the same
+    iteration and exit 0 (so torchrun reports success), and the run then resumes from there to the end."""
+    max_iters = 12
+    cfg = _config(tmp_path, syn, max_iters=max_iters, deterministic=False, checkpoint_interval=100)
+    work = tmp_path / "work"
+    p = _torchrun(cfg, "sigterm")
+    _wait(lambda: any(s >= 2 for s in _logged_steps(work)), p)
+    rank1 = [c for c in _children(p.pid) if _env_of(c).get("RANK") == "1"]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGTERM)
+    assert _finish(p) == 0, _output(p)[-4000:]
+    assert len(_iters(work)) == 1, f"one checkpoint expected, got {_iters(work)}"
+    stopped = _iters(work)[0]
+    assert 2 <= stopped < max_iters
+    assert f"SIGTERM: checkpointing at iteration {stopped}" in (work / "train.log").read_text()  # logged by rank 0
+    assert read_checkpoint(work / "latest.pth")["iteration"] == stopped
+    p = _torchrun(cfg, "resume")
+    assert _finish(p) == 0, _output(p)[-4000:]
+    assert f"at iteration {stopped}" in (work / "train.log").read_text()
+    assert read_checkpoint(work / "latest.pth")["iteration"] == max_iters
 
 
 # ---------------------------------------------------------------------------------------------------------------
