@@ -38,9 +38,10 @@ recomputed exponentials the likely limit). If a GPU profile confirms that, the n
 between four logit centres computing each pixel once and writing per-corner partial sums, added afterwards.
 
 Numerics: fp32 interpolation, softmax and sums; the logits' gradient is rounded once on store. Labels outside
-[0, K) other than `ignore_index` are not checked on the device (the reference raises; checking here would need a
-host sync) and contribute CE = logsumexp. Block sizes fixed and untuned: no GPU was available when this was
-written.
+[0, K) other than `ignore_index` fail the forward as they fail the reference: through `torch._assert_async`, which
+raises at once on the CPU and is a device-side assert on CUDA (as the reference's `nll_loss` is there), so it adds
+no host sync; the check reads the labels once more (8 bytes per pixel). Block sizes fixed and untuned: no GPU was
+available when this was written.
 
 Legend: B batch, K classes, H/W label resolution, h/w logit resolution, P label pixels, Q logit pixels of a block.
 """
@@ -168,6 +169,8 @@ def seg_ce_fwd(
     B, K = logits.shape[:2]
     H, W = labels.shape[-2:]
     labels = labels.contiguous()
+    valid = (labels == ignore_index) | ((labels >= 0) & (labels < K))
+    torch._assert_async(valid.all(), f"seg_ce: a label is outside [0, {K}) and is not ignore_index {ignore_index}")
     lse = torch.empty(B, H, W, device=logits.device, dtype=torch.float32)
     programs = triton.cdiv(H * W, _BLOCK_P)
     partial = torch.empty(B, programs, device=logits.device, dtype=torch.float32)

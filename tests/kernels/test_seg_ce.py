@@ -106,6 +106,16 @@ def test_all_ignored_and_single_valid_pixel():
     assert 0 < int((grad.abs().sum(1) > 0).sum()) <= 4
 
 
+@pytest.mark.parametrize("bad", [19, -1])
+def test_label_outside_the_classes_fails_like_the_reference(bad):
+    logits, labels, _ = _inputs(1, 19, 3, 3, 6, 6, torch.float32, weighted=False)
+    labels[0, 2, 3] = bad
+    with pytest.raises((IndexError, RuntimeError)):
+        seg_ce_ref(logits, labels)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 19\) and is not ignore_index 255"):
+        kce.seg_ce_triton(logits, labels, None, 255)
+
+
 def test_zero_weight_rows_give_zero_gradient_from_them():
     # The pseudo-label crop: rows with weight 0 contribute neither loss nor gradient.
     logits, labels, _ = _inputs(1, 5, 4, 4, 16, 16, torch.float32, weighted=False, ignored=0.0)
