@@ -27,6 +27,7 @@ from daformer_fast.checkpoint import CheckpointError, read_checkpoint, save_chec
 from daformer_fast.run_state import save_run_state
 from daformer_fast.tools.make_synthetic import make_synthetic
 from daformer_fast.train import main
+from tiny_run import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_ITERS = 8
@@ -50,24 +51,8 @@ def syn(tmp_path_factory) -> Path:
 def _config(tmp_path: Path, syn: Path, source: Path | None = None, **train) -> Path:
     """A tiny full-recipe config checkpointing every iteration; evaluation only at the end."""
     t = {"max_iters": MAX_ITERS, "log_interval": 1, "eval_interval": 1000, "checkpoint_interval": 1,
-         "keep_checkpoints": 2, "work_dir": str(tmp_path / "work"), "deterministic": True, **train}  # fmt: skip
-    cfg = {
-        "model": {"backbone": "mit_b0", "pretrained": None, "head_channels": 32},
-        "data": {
-            "source": {"name": "gta", "root": str(source or syn / "source"), "scale": [128, 64]},
-            "target": {"name": "cityscapes", "root": str(syn / "target"), "scale": [128, 64]},
-            "val": {"name": "cityscapes", "root": str(syn / "target"), "split": "val", "scale": [128, 64]},
-            "crop": [64, 64], "workers": 0, "rcs": {"min_pixels": 20},
-        },
-        "uda": {"pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 15, "debug_img_interval": 0},
-        "optim": {"lr": 6e-4},
-        "schedule": {"warmup_iters": 2},
-        "train": t,
-    }  # fmt: skip
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "run.yaml"
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
+         "keep_checkpoints": 2, **train}  # fmt: skip
+    return write_config(tmp_path, syn, t, source=source)
 
 
 def _spawn(cfg: Path, *args: str) -> subprocess.Popen:

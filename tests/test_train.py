@@ -14,6 +14,7 @@ from daformer_fast.checkpoint import read_checkpoint
 from daformer_fast.config import load_config
 from daformer_fast.tools.make_synthetic import make_synthetic
 from daformer_fast.train import main
+from tiny_run import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,24 +27,8 @@ def syn(tmp_path_factory) -> Path:
 def _config(tmp_path: Path, syn: Path, **train) -> Path:
     """A tiny full-recipe config; `train` entries override the train section."""
     t = {"max_iters": 4, "log_interval": 2, "eval_interval": 4, "checkpoint_interval": 2, "keep_checkpoints": 1,
-         "work_dir": str(tmp_path / "work"), "deterministic": True, **train}  # fmt: skip
-    cfg = {
-        "model": {"backbone": "mit_b0", "pretrained": None, "head_channels": 32},
-        "data": {
-            "source": {"name": "gta", "root": str(syn / "source"), "scale": [128, 64]},
-            "target": {"name": "cityscapes", "root": str(syn / "target"), "scale": [128, 64]},
-            "val": {"name": "cityscapes", "root": str(syn / "target"), "split": "val", "scale": [128, 64]},
-            "crop": [64, 64], "workers": 0, "rcs": {"min_pixels": 20},
-        },
-        "uda": {"pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 15, "debug_img_interval": 3},
-        "optim": {"lr": 6e-4},
-        "schedule": {"warmup_iters": 2},
-        "train": t,
-    }  # fmt: skip
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "run.yaml"
-    path.write_text(json.dumps(cfg))  # JSON is YAML
-    return path
+         **train}  # fmt: skip
+    return write_config(tmp_path, syn, t, debug_img_interval=3)
 
 
 def _rows(work: Path) -> list[dict]:
