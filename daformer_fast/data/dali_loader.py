@@ -37,7 +37,6 @@ checks `valid_hw` there; a device copy would cost a sync).
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Iterator
 from typing import Literal
 
@@ -50,7 +49,6 @@ from daformer_fast.config import DataConfig
 from daformer_fast.data.datasets import DatasetError, read_label, rescale_size, resize_label
 from daformer_fast.data.pipeline import IGNORE, crop_box, random_crop
 from daformer_fast.data.torch_loader import (
-    _MAX_REDRAWS,
     Mode,
     TrainDataset,
     _Fatal,
@@ -61,7 +59,6 @@ from daformer_fast.data.torch_loader import (
 
 __all__ = ["DaliTrainLoader", "PlanDataset", "dali_available", "resize_taps"]
 
-log = logging.getLogger("daformer_fast.data")
 Resize = Literal["exact", "fast"]
 _OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw")
 _TARGET_OUTPUTS = ("target_img", "target_valid_hw")
@@ -227,35 +224,19 @@ class PlanDataset(TrainDataset):
 
     def _plan(self, side: _Side, rng: np.random.Generator, use_rcs: bool, j: int):
         """(DALI inputs of the image: path, geometry, flip; cropped label; RCS class; files skipped; valid (h, w))."""
-        failed = 0
-        for _ in range(_MAX_REDRAWS):
-            if use_rcs:
-                c, i = self.rcs.sample(rng)
-            else:
-                c, i = -1, int(rng.integers(len(side.samples)))
-            try:
-                path, hw, lbl = self._read_meta(side, i)
-            except _Fatal as e:
-                raise DatasetError(str(e)) from None
-            except DatasetError as e:
-                if self.data.strict:
-                    raise
-                log.warning("skipping unreadable sample: %s", e)
-                failed += 1
-                continue
-            size = rescale_size(hw[1], hw[0], side.cfg.scale)
-            if lbl is not None:
-                lbl = resize_label(lbl, size)
-            box, flip, lbl_crop = self._crop(
-                rng, (size[1], size[0]), lbl,
-                cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
-                rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
-                rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
-            )  # fmt: skip
-            geom = _exact_args(hw, size, box, j) if self.resize == "exact" else _fast_args(hw, size, box)
-            valid = np.array([box[1] - box[0], box[3] - box[2]], np.int64)  # the clipped box: `pipeline.valid_size`
-            return [path, *geom, np.array(flip, np.int32)], lbl_crop, c, failed, valid
-        raise DatasetError(f"{_MAX_REDRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?")
+        c, (path, hw, lbl), failed = self._draw_readable(side, rng, use_rcs, self._read_meta)
+        size = rescale_size(hw[1], hw[0], side.cfg.scale)
+        if lbl is not None:
+            lbl = resize_label(lbl, size)
+        box, flip, lbl_crop = self._crop(
+            rng, (size[1], size[0]), lbl,
+            cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
+            rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
+            rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
+        )  # fmt: skip
+        geom = _exact_args(hw, size, box, j) if self.resize == "exact" else _fast_args(hw, size, box)
+        valid = np.array([box[1] - box[0], box[3] - box[2]], np.int64)  # the clipped box: `pipeline.valid_size`
+        return [path, *geom, np.array(flip, np.int32)], lbl_crop, c, failed, valid
 
     def __getitem__(self, k: int) -> dict:
         t, j = divmod(int(k), self.data.batch_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -101,8 +102,10 @@ class TrainDataset(Dataset):
                 raise _Fatal(str(e)) from None  # wrong ids (e.g. unconverted labels) are not an unreadable file
         return img, lbl
 
-    def _draw(self, side: _Side, rng: np.random.Generator, use_rcs: bool):
-        """One cropped sample of `side`: (img, lbl, rcs class or −1, files skipped, valid (h, w))."""
+    def _draw_readable(self, side: _Side, rng: np.random.Generator, use_rcs: bool, read: Callable):
+        """Draw sample indices (RCS or uniform) until `read(side, i)` succeeds: (rcs class or −1, what `read`
+        returned, files skipped). Unreadable files are skipped with a warning unless `data.strict`; bad data that
+        skipping would hide (`_Fatal`) stops the run."""
         failed = 0
         for _ in range(_MAX_REDRAWS):
             if use_rcs:
@@ -110,7 +113,7 @@ class TrainDataset(Dataset):
             else:
                 c, i = -1, int(rng.integers(len(side.samples)))
             try:
-                img, lbl = self._read(side, i)
+                return c, read(side, i), failed
             except _Fatal as e:
                 raise DatasetError(str(e)) from None
             except DatasetError as e:
@@ -118,18 +121,21 @@ class TrainDataset(Dataset):
                     raise
                 log.warning("skipping unreadable sample: %s", e)
                 failed += 1
-                continue
-            img, lbl = resize_pair(img, lbl, side.cfg.scale)
-            hw = valid_size(img.shape, self.data.crop)
-            img, lbl = sample_crop(
-                rng, img, lbl, self.data.crop,
-                cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
-                flip_prob=self.data.flip_prob,
-                rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
-                rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
-            )  # fmt: skip
-            return img, lbl, c, failed, hw
         raise DatasetError(f"{_MAX_REDRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?")
+
+    def _draw(self, side: _Side, rng: np.random.Generator, use_rcs: bool):
+        """One cropped sample of `side`: (img, lbl, rcs class or −1, files skipped, valid (h, w))."""
+        c, (img, lbl), failed = self._draw_readable(side, rng, use_rcs, self._read)
+        img, lbl = resize_pair(img, lbl, side.cfg.scale)
+        hw = valid_size(img.shape, self.data.crop)
+        img, lbl = sample_crop(
+            rng, img, lbl, self.data.crop,
+            cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
+            flip_prob=self.data.flip_prob,
+            rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
+            rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
+        )  # fmt: skip
+        return img, lbl, c, failed, hw
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         t, j = divmod(int(k), self.data.batch_size)
