@@ -8,6 +8,29 @@ if not torch.cuda.is_available():
     # Must be set before any @triton.jit decorator runs (i.e. before kernel modules are imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+def _squeeze_interpreter_index() -> None:
+    """Triton < 3.8's interpreter turns a loop bound into an int with `int(ndarray of shape (1,))`, an error from
+    numpy 2.5 on ("only 0-dimensional arrays can be converted"); triton 3.8 squeezes first. Give the older
+    interpreter 3.8's conversion so the kernel tests also run on triton 3.6 (the GPU image's version) on a CPU."""
+    import triton
+    from triton.runtime import interpreter
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8):
+        return
+    patch = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _squeeze_interpreter_index()
+
 import pytest  # noqa: E402
 
 

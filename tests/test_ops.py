@@ -58,7 +58,10 @@ def test_dispatch_under_compile_logs_without_graph_break(ops_log):
         return x + (1 if choose_impl("demo_compiled", "auto", ["not on CUDA"]) == "reference" else 2)
 
     assert torch.compile(f, fullgraph=True)(torch.zeros(2)).tolist() == [1.0, 1.0]
-    assert [r.getMessage() for r in ops_log.records] == ["demo_compiled: using reference (not on CUDA)"]
+    # Only the package's own records: pytest ≥ 9.2 also captures torch's loggers (the first CPU compile may warn
+    # about a missing CUDA runtime).
+    ours = [r.getMessage() for r in ops_log.records if r.name.startswith("daformer_fast")]
+    assert ours == ["demo_compiled: using reference (not on CUDA)"]
     # The dispatcher sets Dynamo's constant-result marker by hand (see _dispatch._log_once); it must stay torch's.
     marked = torch.compiler.assume_constant_result(lambda: None)
     assert list(vars(marked)) == ["_dynamo_marked_constant"] and _dispatch._log_once._dynamo_marked_constant
