@@ -9,7 +9,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 def _squeeze_interpreter_index() -> None:
     """Triton < 3.8's interpreter turns a loop bound into an int with `int(ndarray of shape (1,))`, an error from
     numpy 2.5 on ("only 0-dimensional arrays can be converted"); triton 3.8 squeezes first. Give the older

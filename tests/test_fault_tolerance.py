@@ -55,10 +55,10 @@ def _config(tmp_path: Path, syn: Path, source: Path | None = None, **train) -> P
     return write_config(tmp_path, syn, t, source=source)
 
 
-def _spawn(cfg: Path, *args: str) -> subprocess.Popen:
-    """`python -m daformer_fast.train CFG --resume auto ARGS` in its own process group, output to files."""
+def _spawn(cfg: Path, *args: str, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`python [LAUNCHER] -m daformer_fast.train CFG --resume auto ARGS` in its own process group, output to files."""
     log = open(cfg.parent / f"out_{time.monotonic_ns()}.txt", "w")
-    cmd = [sys.executable, "-m", "daformer_fast.train", str(cfg), "--resume", "auto", *args]
+    cmd = [sys.executable, *launcher, "-m", "daformer_fast.train", str(cfg), "--resume", "auto", *args]
     p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     p.out_path = Path(log.name)  # type: ignore[attr-defined]
     log.close()
@@ -213,14 +213,10 @@ def _env_of(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
-def _torchrun(cfg: Path, tag: str, *args: str) -> subprocess.Popen:
-    log = open(cfg.parent / f"torchrun_{tag}.txt", "w")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
-           "-m", "daformer_fast.train", str(cfg), "--resume", "auto"]  # fmt: skip
-    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    p.out_path = Path(log.name)  # type: ignore[attr-defined]
-    log.close()
-    return p
+def _torchrun(cfg: Path, *torchrun_args: str) -> subprocess.Popen:
+    """Two CPU (gloo) ranks of the training CLI under torchrun."""
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_args)
+    return _spawn(cfg, launcher=launcher)
 
 
 def _logged_steps(work: Path) -> list[int]:
@@ -234,7 +230,7 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path, syn):
     """--max-restarts=1: SIGKILL of rank 1 mid-run → torchrun restarts both ranks, which resume and finish."""
     cfg = _config(tmp_path, syn, max_iters=6, deterministic=False)
     work = tmp_path / "work"
-    p = _torchrun(cfg, "elastic", "--max-restarts=1")
+    p = _torchrun(cfg, "--max-restarts=1")
     _wait(lambda: 2 in _iters(work), p)
     rank1 = [c for c in _children(p.pid) if _env_of(c).get("RANK") == "1"]
     assert len(rank1) == 1 and _env_of(rank1[0]).get("TORCHELASTIC_RESTART_COUNT") == "0"
@@ -251,7 +247,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_iteration(tmp_path, syn)
     max_iters = 12
     cfg = _config(tmp_path, syn, max_iters=max_iters, deterministic=False, checkpoint_interval=100)
     work = tmp_path / "work"
-    p = _torchrun(cfg, "sigterm")
+    p = _torchrun(cfg)
     _wait(lambda: any(s >= 2 for s in _logged_steps(work)), p)
     rank1 = [c for c in _children(p.pid) if _env_of(c).get("RANK") == "1"]
     assert len(rank1) == 1
@@ -262,7 +258,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_iteration(tmp_path, syn)
     assert 2 <= stopped < max_iters
     assert f"SIGTERM: checkpointing at iteration {stopped}" in (work / "train.log").read_text()  # logged by rank 0
     assert read_checkpoint(work / "latest.pth")["iteration"] == stopped
-    p = _torchrun(cfg, "resume")
+    p = _torchrun(cfg)
     assert _finish(p) == 0, _output(p)[-4000:]
     assert f"at iteration {stopped}" in (work / "train.log").read_text()
     assert read_checkpoint(work / "latest.pth")["iteration"] == max_iters
