@@ -54,6 +54,8 @@ if [[ $DRY == 1 ]]; then
     TOY=(--device cpu --iters 1 --warmup 1 --skip +compile --set model.backbone=mit_b0 "data.crop=[64,64]")
     part throughput-eager 120 python benchmarks/throughput.py "${TOY[@]}" --json "$RES/throughput_eager.json"
     part kernels 30 python benchmarks/kernels.py --csv "$RES/kernels.csv"
+    part memory 60 python benchmarks/step_memory.py --device cpu --set model.backbone=mit_b0 "data.crop=[64,64]" \
+        --json "$RES/step_memory.json"
     part throughput-full 30 python benchmarks/throughput.py --device cpu --iters 1 --warmup 0 --quick \
         --skip +compile +bf16 +sync-free\ batched\ step +fused\ kernels --set "data.crop=[32,32]" \
         --json "$RES/throughput.json"
@@ -65,14 +67,17 @@ else
         --skip +compile --json "$RES/throughput_eager.json"
     # 5. Kernel microbenchmarks at MiT-B5's shapes for 512x512 crops.
     part kernels 60 python benchmarks/kernels.py --dtype bf16 --csv "$RES/kernels.csv"
-    # 6. The full ladder with torch.compile, in what time is left of the 8 minutes (partial JSON if cut short).
+    # 6. Tensor memory of one step counted op by op, beside the allocator's peak: checks the CPU-side count.
+    part memory 60 python benchmarks/step_memory.py --device cuda --config configs/gta2cs.yaml \
+        --json "$RES/step_memory.json"
+    # 7. The full ladder with torch.compile, in what time is left of the 8 minutes (partial JSON if cut short).
     LEFT=$((470 - (SECONDS - START)))
     ((LEFT < 60)) && LEFT=60
     part throughput-full "$LEFT" python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
         --json "$RES/throughput.json"
 fi
 
-# 7. Short table last.
+# 8. Short table last.
 {
     echo
     echo "=== summary ($((SECONDS - START)) s)"
@@ -100,6 +105,13 @@ for name in ("throughput_eager.json", "throughput.json"):
             print(f"  {e['rung']:<25}{e.get('status', 'not reached')}: {e.get('reason', '')[:70]}")
     if "fast" in r:
         print(f"  fast vs reference: {r['fast']['speedup']:.2f}x; targets: {r.get('targets')}")
+p = res / "step_memory.json"
+if p.exists():
+    r = json.loads(p.read_text())
+    for name, m in r["paths"].items():
+        cuda = m["cuda_max_allocated_bytes"]
+        print(f"step_memory {name}: counted peak {m['peak_gib']:.2f} GiB"
+              + (f", torch.cuda.max_memory_allocated {cuda / 2**30:.2f} GiB" if cuda is not None else ""))
 p = res / "kernels.csv"
 if p.exists():
     rows = list(csv.DictReader(p.open()))

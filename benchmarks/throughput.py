@@ -60,7 +60,7 @@ from daformer_fast.models import build_segmentor  # noqa: E402
 from daformer_fast.ops._dispatch import set_default_impl  # noqa: E402
 from daformer_fast.uda.dacs import UDAStep, build_optimizer  # noqa: E402
 
-__all__ = ["LADDER", "Setting", "main", "run_benchmark"]
+__all__ = ["LADDER", "Setting", "build_step", "main", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,8 @@ class _DispatchLog(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _build(name, setting, cfg, state, device, args_iters, real_tmp) -> _Rung:
+def build_step(cfg: Config, setting: Setting, state: dict, device: torch.device) -> UDAStep:
+    """The train step of `setting` from the given initial weights, in training mode."""
     rcfg = _apply(cfg, setting)
     set_default_impl(setting.kernels)
     student = build_segmentor(rcfg.model, impl=setting.kernels)
@@ -197,6 +198,12 @@ def _build(name, setting, cfg, state, device, args_iters, real_tmp) -> _Rung:
     student.to(device)
     step = UDAStep(rcfg, student, build_optimizer(rcfg, student, fused=setting.path == "fast"), device=device)
     step.train()
+    return step
+
+
+def _build(name, setting, cfg, state, device, args_iters, real_tmp) -> _Rung:
+    step = build_step(cfg, setting, state, device)
+    rcfg = step.cfg
     if real_tmp is None:
         pool = _synthetic_batches(rcfg, device)
         batches = (pool[i % len(pool)] for i in range(10**9))

@@ -11,9 +11,11 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernels as kernel_bench  # noqa: E402
+import step_memory  # noqa: E402
 import throughput  # noqa: E402
 from bench_env import peak_for  # noqa: E402
 from step_flops import flop_counter  # noqa: E402
+from step_memory import StorageTracker  # noqa: E402
 
 from daformer_fast.config import parse_config  # noqa: E402
 
@@ -95,3 +97,42 @@ def test_kernel_bench_exits_cleanly_without_gpu(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "no CUDA device" in out and "attention" in out
     assert not (tmp_path / "k.csv").exists()
+
+
+def test_storage_tracker_counts_storages_once_and_frees_them():
+    tr = StorageTracker()
+    with tr:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a.view(10, 100)[:, :50]  # a view: no new storage
+        c = torch.empty(500, dtype=torch.float64)  # +4000
+        del a, b  # the storage goes only with its last view
+        d = torch.empty(250)  # +1000
+        assert tr.now == 5000
+    assert tr.peak == 8000 and len(tr.peak_keys) == 2
+    del c, d
+    assert tr.now == 0 and not tr.live
+
+
+def test_step_memory_accounts_for_the_persistent_state():
+    """At a toy size the split at the peak is hand-countable: weights of student, teacher and ImageNet encoder,
+    one gradient per student parameter, AdamW's two moments (plus one step counter) per student parameter."""
+    cfg = parse_config({"model": {"backbone": "mit_b0", "pretrained": None}, "data": {"crop": [32, 32]}})
+    torch.manual_seed(0)
+    student = step_memory.build_segmentor(cfg.model)
+    state = student.state_dict()
+    batches = throughput._synthetic_batches(cfg, torch.device("cpu"), 2)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    params = nbytes(student.parameters())
+    weights = 2 * nbytes(student.state_dict().values()) + nbytes(student.backbone.state_dict().values())
+    for setting in step_memory.SETTINGS.values():
+        m = step_memory.step_memory(cfg, setting, state, batches, torch.device("cpu"))
+        at = m["at_peak_bytes"]
+        assert at["weights"] == weights
+        assert at["gradients"] == params
+        # Fused AdamW keeps each parameter's step count as a 4-byte tensor; the reference's are CPU scalars too.
+        assert 2 * params <= at["optimizer"] <= 2 * params + 4 * len(list(student.parameters()))
+        assert at["activations and temporaries"] > 0
+        assert m["peak_bytes"] == sum(at.values()) and m["before_step_bytes"] <= m["peak_bytes"]
