@@ -200,3 +200,50 @@ def test_checkpoint_filter_drops_imagenet_head():
 def test_unknown_size_error():
     with pytest.raises(ValueError, match="unknown MiT size 'b7'"):
         mit("b7")
+
+
+class _ConvDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """(groups, input dtype, weight dtype) of every convolution, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
+            x, w = (args[0], args[1]) if func is torch.ops.aten.convolution.default else (args[1], args[2])
+            groups = args[8] if func is torch.ops.aten.convolution.default else args[9]
+            self.seen.append((groups, x.dtype, w.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_depthwise_convolutions_run_in_fp32_under_cpu_bf16_autocast():
+    """The CPU bf16 depthwise convolution backward gave sporadic garbage weight gradients (ops/depthwise.py):
+    every depthwise convolution of the model (head ASPP and Mix-FFN) runs in fp32, the others stay in bf16."""
+    torch.manual_seed(0)
+    model = build_segmentor(ModelConfig(backbone="mit_b0", pretrained=None, head_channels=32)).train()
+    x = torch.randn(2, 3, 64, 64)
+    with _ConvDtypes() as spy:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        logits.float().square().mean().backward()
+    depthwise = [s for s in spy.seen if s[0] > 1]
+    dense = [s for s in spy.seen if s[0] == 1]
+    # 8 MiT blocks of b0 and 3 dilated ASPP branches, each once forward and once backward.
+    assert len(depthwise) == 2 * (sum(MIT_SIZES["b0"].depths) + 3)
+    assert all(s[1:] == (torch.float32, torch.float32) for s in depthwise)
+    assert dense and all(s[1] == torch.bfloat16 for s in dense)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_depthwise_conv2d_is_f_conv2d():
+    from daformer_fast.ops.depthwise import depthwise_conv2d
+
+    x, w, b = torch.randn(2, 6, 9, 7), torch.randn(6, 1, 3, 3), torch.randn(6)
+    ref = nn.functional.conv2d(x, w, b, padding=2, dilation=2, groups=6)
+    assert torch.equal(depthwise_conv2d(x, w, b, padding=2, dilation=2), ref)
+    xb = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv2d(xb, w, b, padding=2, dilation=2)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, nn.functional.conv2d(xb.float(), w, b, padding=2, dilation=2, groups=6))

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from daformer_fast.ops.depthwise import depthwise_conv2d
+
 __all__ = ["ConvModule", "DAFormerHead", "SegFormerHead"]
 
 
@@ -32,7 +34,12 @@ class ConvModule(nn.Module):
         self.activate = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.bn(self.conv(x)))
+        c = self.conv
+        if c.groups > 1 and c.groups == c.in_channels == c.out_channels:  # fp32 under CPU autocast: ops.depthwise
+            y = depthwise_conv2d(x, c.weight, c.bias, padding=c.padding, dilation=c.dilation)
+        else:
+            y = c(x)
+        return self.activate(self.bn(y))
 
 
 class DepthwiseSeparableConvModule(nn.Module):

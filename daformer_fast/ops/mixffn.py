@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from daformer_fast.ops._dispatch import Impl, choose_impl, default_impl, device_reasons
+from daformer_fast.ops.depthwise import depthwise_conv2d
 
 __all__ = ["dwconv_gelu", "dwconv_gelu_ref", "TOLERANCES"]
 
@@ -40,7 +41,7 @@ def dwconv_gelu_ref(
     """GELU(depthwise conv3x3(x) + bias) exactly as the original MiT DWConv + nn.GELU compute it."""
     B, N, C = x_BNC.shape
     x_BChw = x_BNC.transpose(1, 2).reshape(B, C, h, w)
-    y_BChw = F.conv2d(x_BChw, weight_C133, bias_C, stride=1, padding=1, groups=C)
+    y_BChw = depthwise_conv2d(x_BChw, weight_C133, bias_C, padding=1)  # fp32 under CPU autocast (see there)
     return F.gelu(y_BChw.flatten(2).transpose(1, 2))
 
 
