@@ -154,7 +154,8 @@ class UDAStep:
 
         The gradient test is on each tensor's L2 norm: besides NaN and inf it catches finite gradients whose square
         overflows fp32 (|g| ≳ 1e19), which would turn AdamW's second moment into inf and silently freeze that
-        parameter for good (m / inf = 0); torch's CPU bf16 depthwise convolution produced such gradients (ops/depthwise.py).
+        parameter for good (m / inf = 0); torch's CPU bf16 depthwise convolution produced such gradients
+        (ops/depthwise.py).
         """
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []
