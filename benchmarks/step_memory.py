@@ -35,11 +35,9 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
-from step_flops import count_step_flops  # noqa: E402
-from throughput import Setting, _apply, _synthetic_batches, build_step  # noqa: E402
+from throughput import Setting, _synthetic_batches, build_step, count_path_flops, initial_weights  # noqa: E402
 
 from daformer_fast.config import load_config  # noqa: E402
-from daformer_fast.models import build_segmentor  # noqa: E402
 from daformer_fast.uda.dacs import UDAStep  # noqa: E402
 
 __all__ = ["StorageTracker", "step_memory"]
@@ -154,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.set)
     r = dataclasses.replace
     cfg = r(cfg, model=r(cfg.model, pretrained=None))
-    torch.manual_seed(cfg.train.seed)
-    state = {k: v.clone() for k, v in build_segmentor(cfg.model).state_dict().items()}
+    state = initial_weights(cfg)
     batches = _synthetic_batches(cfg, device, 2)
     record = {
         "command": " ".join(["python", "benchmarks/step_memory.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -174,17 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:<16} peak {m['peak_gib']:.2f} GiB ({parts}); step {m['step_s']} s; peak at {m['peak_at']}",
               flush=True)
     if args.flops:
-
-        def make_student():
-            s = build_segmentor(cfg.model, impl="reference")
-            s.load_state_dict(state)
-            return s.to(device)
-
-        for path in ("fast", "reference"):
-            total, _ = count_step_flops(_apply(cfg, Setting(path=path)), make_student, batches[0],
-                                        cfg.schedule.warmup_iters, device)  # fmt: skip
-            record.setdefault("flops", {})[path] = total
-            print(f"FLOPs per iteration, {path} path: {total / 1e12:.3f} TFLOP", flush=True)
+        for path, f in count_path_flops(cfg, state, batches[0], device).items():
+            record.setdefault("flops", {})[path] = f["total"]
+            print(f"FLOPs per iteration, {path} path: {f['total'] / 1e12:.3f} TFLOP", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return record

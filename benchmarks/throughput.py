@@ -60,7 +60,7 @@ from daformer_fast.models import build_segmentor  # noqa: E402
 from daformer_fast.ops._dispatch import set_default_impl  # noqa: E402
 from daformer_fast.uda.dacs import UDAStep, build_optimizer  # noqa: E402
 
-__all__ = ["LADDER", "Setting", "build_step", "main", "run_benchmark"]
+__all__ = ["LADDER", "Setting", "build_step", "count_path_flops", "initial_weights", "main", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,28 @@ def build_step(cfg: Config, setting: Setting, state: dict, device: torch.device)
     return step
 
 
+def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
+    """The student's seeded random initial weights, which every step built from `cfg` starts from."""
+    torch.manual_seed(cfg.train.seed)
+    return {k: v.clone() for k, v in build_segmentor(cfg.model).state_dict().items()}
+
+
+def count_path_flops(cfg: Config, state: dict, batch: dict, device: torch.device) -> dict[str, dict]:
+    """{path: {"total", "by_op"}} for the fast and the reference step at the steady-state iteration."""
+
+    def make_student():
+        s = build_segmentor(cfg.model, impl="reference")
+        s.load_state_dict(state)
+        return s.to(device)
+
+    flops = {}
+    for path in ("fast", "reference"):
+        total, by_op = count_step_flops(_apply(cfg, Setting(path=path)), make_student, batch,
+                                        cfg.schedule.warmup_iters, device)  # fmt: skip
+        flops[path] = {"total": total, "by_op": by_op}
+    return flops
+
+
 def _build(name, setting, cfg, state, device, args_iters, real_tmp) -> _Rung:
     step = build_step(cfg, setting, state, device)
     rcfg = step.cfg
@@ -245,24 +267,14 @@ def run_benchmark(
     cfg = r(cfg, model=r(cfg.model, pretrained=None))
     if order == "interleaved" and device.type == "cuda":
         log("interleaved on CUDA: peak memory is not per rung and is not reported")
-    torch.manual_seed(cfg.train.seed)
-    state = {k: v.clone() for k, v in build_segmentor(cfg.model).state_dict().items()}
+    state = initial_weights(cfg)
     t0 = cfg.schedule.warmup_iters  # past the LR warm-up: the steady-state step
     imgs = cfg.data.batch_size * (2 if cfg.uda.mode == "dacs" else 1)
     tmp = tempfile.TemporaryDirectory(prefix="throughput_") if real_data else None
     if tmp is not None:
         cfg = _real_data_config(cfg, Path(tmp.name))
 
-    def make_student():
-        s = build_segmentor(cfg.model, impl="reference")
-        s.load_state_dict(state)
-        return s.to(device)
-
-    batch0 = _synthetic_batches(cfg, device, 1)[0]
-    flops = {}
-    for path in ("fast", "reference"):
-        total, by_op = count_step_flops(_apply(cfg, Setting(path=path)), make_student, batch0, t0, device)
-        flops[path] = {"total": total, "by_op": by_op}
+    flops = count_path_flops(cfg, state, _synthetic_batches(cfg, device, 1)[0], device)
     model_flop = flops["fast"]["total"]
     log(f"FLOPs per iteration: {model_flop / 1e12:.4f} TFLOP (fast path); the reference executes "
         f"{flops['reference']['total'] / 1e12:.4f}")  # fmt: skip

@@ -18,6 +18,7 @@ from step_flops import flop_counter  # noqa: E402
 from step_memory import StorageTracker  # noqa: E402
 
 from daformer_fast.config import parse_config  # noqa: E402
+from daformer_fast.models import build_segmentor  # noqa: E402
 
 ENTRY_KEYS = {"img_s", "ms_p50", "ms_p90", "peak_mem_gib", "data_wait_pct", "warmup_s", "tflops", "mfu", "gain",
               "speedup_vs_reference", "setting", "status", "rung"}  # fmt: skip
@@ -118,7 +119,7 @@ def test_step_memory_accounts_for_the_persistent_state():
     one gradient per student parameter, AdamW's two moments (plus one step counter) per student parameter."""
     cfg = parse_config({"model": {"backbone": "mit_b0", "pretrained": None}, "data": {"crop": [32, 32]}})
     torch.manual_seed(0)
-    student = step_memory.build_segmentor(cfg.model)
+    student = build_segmentor(cfg.model)
     state = student.state_dict()
     batches = throughput._synthetic_batches(cfg, torch.device("cpu"), 2)
 
