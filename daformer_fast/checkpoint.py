@@ -13,6 +13,9 @@
 Files are always read with `weights_only=True` first: a checkpoint is untrusted input, and a pickle can run code.
 Only `trust=True` (CLI `--trust-checkpoint`) falls back to full unpickling. Everything is mapped to segmentor keys
 (`backbone.*`, `decode_head.*`) before being compared with the target, so there is one comparison path for all formats.
+The key mapping of each format lives beside the model it maps to: `models.mit.from_segformer_mit` / `from_hf_mit`
+for the encoder formats, `models.segmentor.from_daformer` / `from_daformer_fast` for the segmentor formats; this
+module reads, detects, validates and compares.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +33,10 @@ import torch
 import torch.nn as nn
 
 from daformer_fast.config import config_to_dict
-from daformer_fast.models.mit import MIT_SIZES, MixVisionTransformer
+from daformer_fast.models.mit import MIT_SIZES, MixVisionTransformer, from_hf_mit, from_segformer_mit
+from daformer_fast.models.segmentor import from_daformer, from_daformer_fast
 
-__all__ = [
-    "CheckpointError", "LoadReport", "detect_format", "load_weights", "read_checkpoint", "save_checkpoint",
-    "to_segmentor_state",
-]  # fmt: skip
+__all__ = ["CheckpointError", "LoadReport", "detect_format", "load_weights", "read_checkpoint", "save_checkpoint"]
 
 FORMAT = "daformer_fast"
 _SHOW = 10  # keys listed per category in error messages
@@ -146,80 +146,21 @@ def detect_format(state: dict) -> str:
     raise CheckpointError(f"unrecognised checkpoint layout; first keys: {', '.join(map(str, keys[:5])) or 'none'}")
 
 
-_HF_BLOCK = [  # HF SegformerLayer sub-module -> ours (modeling_segformer.py names)
-    ("layer_norm_1.", "norm1."), ("layer_norm_2.", "norm2."), ("attention.self.query.", "attn.q."),
-    ("attention.self.sr.", "attn.sr."), ("attention.self.layer_norm.", "attn.norm."),
-    ("attention.output.dense.", "attn.proj."), ("mlp.dense1.", "mlp.fc1."),
-    ("mlp.dwconv.dwconv.", "mlp.dwconv.dwconv."), ("mlp.dense2.", "mlp.fc2."),
-]  # fmt: skip
-
-
-def _from_hf(sd: dict) -> tuple[dict, list[str]]:
-    """HF encoder keys -> MiT keys. Unknown encoder keys are kept under their HF name so strict loading names them."""
-    out, ignored, kv = {}, [], {}
-    for name, t in sd.items():
-        k = name.removeprefix("segformer.")
-        if not k.startswith("encoder."):
-            ignored.append(name)  # classifier.* / decode_head.*: HF's heads, not ours
-            continue
-        k = k.removeprefix("encoder.")
-        if m := re.fullmatch(r"patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k):
-            sub = "proj" if m[2] == "proj" else "norm"
-            out[f"patch_embed{int(m[1]) + 1}.{sub}.{m[3]}"] = t
-        elif m := re.fullmatch(r"layer_norm\.(\d+)\.(\w+)", k):
-            out[f"norm{int(m[1]) + 1}.{m[2]}"] = t
-        elif (m := re.fullmatch(r"block\.(\d+)\.(\d+)\.(.+)", k)) is not None:
-            pre, rest = f"block{int(m[1]) + 1}.{m[2]}.", m[3]
-            if kvm := re.fullmatch(r"attention\.self\.(key|value)\.(\w+)", rest):
-                kv.setdefault((pre, kvm[2]), {})[kvm[1]] = (name, t)
-                continue
-            new = next((dst + rest[len(src):] for src, dst in _HF_BLOCK if rest.startswith(src)), None)
-            out[pre + new if new else name] = t
-        else:
-            out[name] = t
-    for (pre, param), parts in kv.items():
-        if set(parts) == {"key", "value"}:
-            # Our kv Linear outputs [k | v] along dim 0 (mit.py reshapes to (..., 2, heads, head_dim)).
-            out[f"{pre}attn.kv.{param}"] = torch.cat([parts["key"][1], parts["value"][1]], 0)
-        else:
-            out.update(parts.values())  # a lone key or value: reported as unexpected, kv as missing
-    return out, ignored
-
-
 def _convert(obj: dict, key: str) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+    """(format, segmentor-keyed state, ignored keys) of a file's top-level dict; encoder formats give `backbone.*`."""
     fmt = detect_format(obj)
-    teacher = key == "teacher"
-    if fmt == FORMAT:
-        part = "teacher" if teacher else "student"
-        if not isinstance(obj.get(part), dict):
-            raise CheckpointError(f"the checkpoint has no {part} weights")
-        return fmt, dict(obj[part]), []
-    sd = _unwrap(obj)
-    if fmt == "daformer":
-        if not any(k.startswith(("model.", "ema_model.", "imnet_model.")) for k in sd):
-            if teacher:
-                raise CheckpointError("the checkpoint holds one model only (backbone.*), no teacher")
-            return fmt, sd, []
-        prefix = "ema_model." if teacher else "model."
-        if not any(k.startswith(prefix) for k in sd):
-            # publish_model.py deletes ema_model.* and imnet_model.*: released files hold the student only.
-            raise CheckpointError(f"the checkpoint has no {prefix}* weights (published files hold the student only)")
-        out = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-        return fmt, out, [k for k in sd if not k.startswith(prefix)]
-    if teacher:
+    part = "teacher" if key == "teacher" else "student"
+    try:
+        if fmt == FORMAT:
+            return fmt, *from_daformer_fast(obj, part)
+        if fmt == "daformer":
+            return fmt, *from_daformer(_unwrap(obj), part)
+    except ValueError as e:  # the file lacks the requested model; the message is written for the user
+        raise CheckpointError(str(e)) from None
+    if part == "teacher":
         raise CheckpointError(f"key='teacher' but the checkpoint ({fmt}) holds ImageNet encoder weights only")
-    if fmt == "hf-mit":
-        enc, ignored = _from_hf(sd)
-    else:  # segformer-mit: the keys already match; `head.*` is the ImageNet classifier
-        enc = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        ignored = [k for k in sd if k.startswith("head.")]
+    enc, ignored = (from_hf_mit if fmt == "hf-mit" else from_segformer_mit)(_unwrap(obj))
     return fmt, {"backbone." + k: v for k, v in enc.items()}, ignored
-
-
-def to_segmentor_state(obj: dict, key: str = "auto") -> tuple[str, dict[str, torch.Tensor]]:
-    """(format, segmentor-keyed state dict) of a file's top-level dict; encoder-only formats give `backbone.*` only."""
-    fmt, state, _ = _convert(obj, key)
-    return fmt, state
 
 
 # ---------------------------------------------------------------------------------------------------------------

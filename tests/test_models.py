@@ -5,10 +5,11 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from daformer_fast.config import ModelConfig, OptimConfig
 from daformer_fast.models import MIT_SIZES, build_segmentor, mit, param_groups
-from daformer_fast.models.mit import DropPath, _feature_shapes, checkpoint_filter_fn
+from daformer_fast.models.mit import DropPath, MixFFN, _feature_shapes, from_segformer_mit
 from daformer_fast.ops import attention, attention_ref
 
 
@@ -61,7 +62,6 @@ def test_mit_b5_key_table(b5):
 def test_layernorm_eps_gelu_and_drop_path(b5):
     assert b5.patch_embed1.norm.eps == 1e-5 and b5.block1[0].attn.norm.eps == 1e-5
     assert b5.block3[7].norm1.eps == 1e-6 and b5.block3[7].norm2.eps == 1e-6 and b5.norm4.eps == 1e-6
-    assert b5.block1[0].mlp.act.approximate == "none"
     blocks = [blk for i in range(1, 5) for blk in getattr(b5, f"block{i}")]
     assert len(blocks) == 52
     assert isinstance(blocks[0].drop_path, nn.Identity)
@@ -192,9 +192,24 @@ def test_drop_path_train_and_eval():
     assert torch.equal(dp(x), x)
 
 
-def test_checkpoint_filter_drops_imagenet_head():
+def test_mixffn_is_fc1_depthwise_conv_exact_gelu_fc2():
+    # The original module path, written out: fc1 → 3×3 depthwise conv on the h×w grid → erf GELU → fc2.
+    torch.manual_seed(0)
+    ffn = MixFFN(8, 32, impl="reference")
+    h, w = 6, 5
+    x = torch.randn(2, h * w, 8)
+    conv = ffn.dwconv.dwconv
+    grid = ffn.fc1(x).transpose(1, 2).reshape(2, 32, h, w)
+    mid = F.conv2d(grid, conv.weight, conv.bias, padding=1, groups=32).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ffn(x, h, w), ffn.fc2(F.gelu(mid)), atol=1e-6, rtol=1e-6)
+    tanh = ffn.fc2(F.gelu(mid, approximate="tanh"))
+    assert (ffn(x, h, w) - tanh).abs().max() > 1e-5  # the tanh approximation would be told apart
+
+
+def test_segformer_mapping_drops_imagenet_head():
     sd = {"head.weight": torch.zeros(1000, 512), "block1.0.attn.q.weight": torch.zeros(2, 2)}
-    assert list(checkpoint_filter_fn(sd)) == ["block1.0.attn.q.weight"]
+    state, ignored = from_segformer_mit(sd)
+    assert list(state) == ["block1.0.attn.q.weight"] and ignored == ["head.weight"]
 
 
 def test_unknown_size_error():

@@ -14,6 +14,7 @@ Legend: B batch, C channels, h/w feature map size, N = h·w tokens, L key/value 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from daformer_fast.ops import attention
 from daformer_fast.ops._dispatch import Impl
 from daformer_fast.ops.mixffn import dwconv_gelu
 
-__all__ = ["MIT_SIZES", "MixVisionTransformer", "MitSpec", "mit", "checkpoint_filter_fn"]
+__all__ = ["MIT_SIZES", "MixVisionTransformer", "MitSpec", "from_hf_mit", "from_segformer_mit", "mit"]
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,12 @@ class EfficientSelfAttention(nn.Module):
 
 
 class DWConv(nn.Module):
+    """Holds the depthwise 3×3 conv under its original state-dict name (`mlp.dwconv.dwconv`); it has no forward of
+    its own: MixFFN runs the conv together with the GELU through `ops.mixffn.dwconv_gelu`."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-
-    def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        B, N, C = x_BNC.shape
-        x = self.dwconv(x_BNC.transpose(1, 2).reshape(B, C, h, w))
-        return x.flatten(2).transpose(1, 2)
 
 
 class MixFFN(nn.Module):
@@ -128,12 +127,11 @@ class MixFFN(nn.Module):
         self.impl = impl
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden)  # holds the conv parameters under the original state-dict names
-        self.act = nn.GELU()  # kept for the module tree; the conv and GELU run as one op below
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
         conv = self.dwconv.dwconv
-        # One op through the dispatch point: the reference path is DWConv followed by GELU, value for value.
+        # One op through the dispatch point: its reference path is the original's conv followed by exact GELU.
         return self.fc2(dwconv_gelu(self.fc1(x_BNC), conv.weight, conv.bias, h, w, impl=self.impl))
 
 
@@ -212,9 +210,57 @@ def mit(size: str, *, drop_path_rate: float = 0.1, impl: Impl | None = None) -> 
     return MixVisionTransformer(MIT_SIZES[key], drop_path_rate=drop_path_rate, impl=impl)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SegFormer `mit_b*.pth` → encoder state dict: the keys already match; drop the ImageNet classifier."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint key mapping: a file's encoder state dict -> MiT keys, one function per format. Each returns
+# (state, ignored keys); `checkpoint.load_weights` detects the format, validates and compares with the model.
+
+
+def from_segformer_mit(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """SegFormer's ImageNet `mit_b*.pth`: the keys already match ours; the ImageNet classifier `head.*` is ignored."""
+    return {k: v for k, v in state.items() if not k.startswith("head.")}, [k for k in state if k.startswith("head.")]
+
+
+_HF_BLOCK = [  # HF SegformerLayer sub-module -> ours (modeling_segformer.py names)
+    ("layer_norm_1.", "norm1."), ("layer_norm_2.", "norm2."), ("attention.self.query.", "attn.q."),
+    ("attention.self.sr.", "attn.sr."), ("attention.self.layer_norm.", "attn.norm."),
+    ("attention.output.dense.", "attn.proj."), ("mlp.dense1.", "mlp.fc1."),
+    ("mlp.dwconv.dwconv.", "mlp.dwconv.dwconv."), ("mlp.dense2.", "mlp.fc2."),
+]  # fmt: skip
+
+
+def from_hf_mit(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """HF transformers `nvidia/mit-b*` (`segformer.encoder.*` or `encoder.*`): separate key/value projections are
+    concatenated into our `attn.kv` = [key; value]; HF's heads (`classifier.*`, `decode_head.*`) are ignored.
+    Unknown encoder keys, and a key without its value (or the reverse), keep their HF name so that a strict load
+    names them as unexpected."""
+    out, ignored, kv = {}, [], {}
+    for name, t in state.items():
+        k = name.removeprefix("segformer.")
+        if not k.startswith("encoder."):
+            ignored.append(name)
+            continue
+        k = k.removeprefix("encoder.")
+        if m := re.fullmatch(r"patch_embeddings\.(\d+)\.(proj|layer_norm)\.(\w+)", k):
+            sub = "proj" if m[2] == "proj" else "norm"
+            out[f"patch_embed{int(m[1]) + 1}.{sub}.{m[3]}"] = t
+        elif m := re.fullmatch(r"layer_norm\.(\d+)\.(\w+)", k):
+            out[f"norm{int(m[1]) + 1}.{m[2]}"] = t
+        elif (m := re.fullmatch(r"block\.(\d+)\.(\d+)\.(.+)", k)) is not None:
+            pre, rest = f"block{int(m[1]) + 1}.{m[2]}.", m[3]
+            if kvm := re.fullmatch(r"attention\.self\.(key|value)\.(\w+)", rest):
+                kv.setdefault((pre, kvm[2]), {})[kvm[1]] = (name, t)
+                continue
+            new = next((dst + rest[len(src):] for src, dst in _HF_BLOCK if rest.startswith(src)), None)
+            out[pre + new if new else name] = t
+        else:
+            out[name] = t
+    for (pre, param), parts in kv.items():
+        if set(parts) == {"key", "value"}:
+            # Our kv Linear outputs [k | v] along dim 0 (EfficientSelfAttention reshapes to (..., 2, heads, dim)).
+            out[f"{pre}attn.kv.{param}"] = torch.cat([parts["key"][1], parts["value"][1]], 0)
+        else:
+            out.update(parts.values())
+    return out, ignored
 
 
 def _feature_shapes(size: str, h: int, w: int) -> list[tuple[int, int, int]]:

@@ -18,7 +18,7 @@ from daformer_fast.models.heads import DAFormerHead, SegFormerHead
 from daformer_fast.models.mit import MixVisionTransformer, mit
 from daformer_fast.ops._dispatch import Impl
 
-__all__ = ["Segmentor", "build_segmentor", "param_groups"]
+__all__ = ["Segmentor", "build_segmentor", "from_daformer", "from_daformer_fast", "param_groups"]
 
 
 class Segmentor(nn.Module):
@@ -34,9 +34,6 @@ class Segmentor(nn.Module):
         feats = self.backbone(x_B3HW)
         logits = self.decode_head(feats)
         return (logits, feats) if with_features else logits
-
-    def forward_with_features(self, x_B3HW: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self(x_B3HW, with_features=True)
 
     @torch.no_grad()
     def predict(self, x_B3HW: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -63,6 +60,38 @@ def build_segmentor(cfg: ModelConfig, impl: Impl | None = None) -> Segmentor:
         case _:
             raise ValueError(f"unknown decoder {cfg.decoder!r}")
     return Segmentor(backbone, head, cfg.num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint key mapping: a file's segmentor-level state -> our Segmentor keys (`backbone.*`, `decode_head.*`), one
+# function per format. Each returns (state, ignored keys) and raises ValueError, with a message for the user, when
+# the file lacks the requested model; `checkpoint.load_weights` detects the format and turns that into its error.
+# Encoder-only formats map in models/mit.py.
+
+_DAFORMER_MODELS = ("model.", "ema_model.", "imnet_model.")  # student, EMA teacher, ImageNet feature model
+
+
+def from_daformer(state: dict[str, torch.Tensor], part: str = "student") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official DAFormer (mmseg) weights, already unwrapped from `state_dict` and DDP's `module.`: a training
+    checkpoint (`model.*` student, `ema_model.*` teacher, `imnet_model.*`), a published file (`model.*` only), or a
+    plain segmentor (`backbone.*`, `decode_head.*`, the same keys as ours). `part`: "student" or "teacher"."""
+    if not any(k.startswith(_DAFORMER_MODELS) for k in state):
+        if part == "teacher":
+            raise ValueError("the checkpoint holds one model only (backbone.*), no teacher")
+        return dict(state), []
+    prefix = "ema_model." if part == "teacher" else "model."
+    if not any(k.startswith(prefix) for k in state):
+        # publish_model.py deletes ema_model.* and imnet_model.*: released files hold the student only.
+        raise ValueError(f"the checkpoint has no {prefix}* weights (published files hold the student only)")
+    out = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return out, [k for k in state if not k.startswith(prefix)]
+
+
+def from_daformer_fast(obj: dict, part: str = "student") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our own checkpoints (`checkpoint.save_checkpoint`): `student` / `teacher` hold Segmentor state dicts as is."""
+    if not isinstance(obj.get(part), dict):
+        raise ValueError(f"the checkpoint has no {part} weights")
+    return dict(obj[part]), []
 
 
 def param_groups(model: Segmentor, cfg: OptimConfig) -> list[dict]:

@@ -79,11 +79,12 @@ def test_partial_sums_over_several_token_chunks(monkeypatch):
 
 
 def test_reference_equals_original_module_path():
-    # MixFFN now calls the op; its reference path must give the same values as DWConv followed by nn.GELU.
+    # MixFFN now calls the op; its reference path must give the same values as the original nn.Conv2d + nn.GELU.
     mlp = MixFFN(8, 32, impl="reference").to(DEVICE)
     x = torch.randn(2, 6 * 5, 32, device=DEVICE)
     conv = mlp.dwconv.dwconv
-    assert torch.equal(dwconv_gelu_ref(x, conv.weight, conv.bias, 6, 5), mlp.act(mlp.dwconv(x, 6, 5)))
+    original = torch.nn.GELU()(conv(x.transpose(1, 2).reshape(2, 32, 6, 5)).flatten(2).transpose(1, 2))
+    assert torch.equal(dwconv_gelu_ref(x, conv.weight, conv.bias, 6, 5), original)
 
 
 def test_mixffn_module_triton_matches_reference():
