@@ -32,7 +32,7 @@ import torch
 from daformer_fast.config import load_config, parse_config
 from daformer_fast.data.dali_loader import DaliTrainLoader, dali_available
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
-from daformer_fast.tools.make_synthetic import make_synthetic
+from daformer_fast.data.synthetic import make_synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import cpu_name as _cpu_name  # noqa: E402

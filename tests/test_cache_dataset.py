@@ -17,7 +17,7 @@ from daformer_fast.data.datasets import DatasetError, read_image, read_label, re
 from daformer_fast.data.pipeline import resize_pair
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
 from daformer_fast.tools.cache_dataset import cache_dataset, cache_dir, main
-from daformer_fast.tools.make_synthetic import make_synthetic
+from daformer_fast.data.synthetic import make_synthetic
 
 STATS = ("sample_class_stats.json", "sample_class_stats_dict.json", "samples_with_class.json")
 
