@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from daformer_fast.config import ConfigError
+
 __all__ = ["Dist", "all_reduce_sum", "barrier", "init_distributed", "resolve_device", "shutdown"]
 
 
@@ -32,16 +34,26 @@ class Dist:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto` → cuda:LOCAL_RANK when CUDA is available, else cpu; an explicit string otherwise."""
-    if name == "auto":
+def resolve_device(name: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device of a `train.device` / `--device` string, checked against this host.
+
+    `auto` (or None) → cuda:LOCAL_RANK when CUDA is available, else cpu; a bare `cuda` → cuda:LOCAL_RANK (each
+    torchrun process drives its own GPU). A malformed name, CUDA without CUDA, or a GPU index this host lacks is a
+    ConfigError with a one-line message, so the CLIs report it without a traceback.
+    """
+    if name in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name} but CUDA is not available here; use auto or cpu")
+            raise ConfigError(f"device {name!r} requested but CUDA is not available here; use auto or cpu")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} requested but this host has {torch.cuda.device_count()} GPU(s)")
     return device
 
 

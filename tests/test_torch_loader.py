@@ -15,9 +15,10 @@ from PIL import Image
 
 from daformer_fast.config import parse_config
 from daformer_fast.data.datasets import DatasetError, read_image, read_label
-from daformer_fast.data.pipeline import resize_pair, sample_crop
-from daformer_fast.data.torch_loader import FailureMonitor, TrainDataset, build_torch_loader, item_rng
-from daformer_fast.tools.make_synthetic import make_synthetic
+from daformer_fast.data.pipeline import resize_pair
+from daformer_fast.data.plan import item_rng, sample_crop
+from daformer_fast.data.synthetic import ensure_synthetic, make_synthetic
+from daformer_fast.data.torch_loader import FailureMonitor, TrainDataset, build_torch_loader
 
 B = 2
 
@@ -67,7 +68,7 @@ def test_batch_contract(bench):
             assert batch[k].dtype == torch.int64 and batch[k].tolist() == [[32, 32]] * B
         values = set(batch["gt"].unique().tolist())
         assert values <= set(range(19)) | {255} and values - {255}
-        assert set(batch["rcs_class"].tolist()) <= set(ds.rcs.classes.tolist())
+        assert set(batch["rcs_class"].tolist()) <= set(ds.planner.rcs.classes.tolist())
         assert not torch.equal(batch["img"], batch["target_img"])
 
 
@@ -75,13 +76,13 @@ def _replay_dacs_item(ds: TrainDataset, seed: int, rank: int, t: int, j: int):
     """Item (t, j) by hand: RCS class/image, resize, crop with re-crop; then an independent target image."""
     data = ds.data
     rng = item_rng(seed, rank, t, j, 0)
-    c, i = ds.rcs.sample(rng)
-    s = ds.main.samples[i]
+    c, i = ds.planner.rcs.sample(rng)
+    s = ds.planner.main.samples[i]
     img, lbl = resize_pair(read_image(s.img), read_label(s.label), data.source.scale)
     img, lbl = sample_crop(rng, img, lbl, data.crop, cat_max_ratio=data.cat_max_ratio, flip_prob=data.flip_prob,
                            rcs_class=c, rcs_min_pixels=data.rcs.min_pixels * data.rcs.min_crop_ratio)  # fmt: skip
     rng = item_rng(seed, rank, t, j, 1)
-    ts = ds.other.samples[int(rng.integers(len(ds.other.samples)))]
+    ts = ds.planner.other.samples[int(rng.integers(len(ds.planner.other.samples)))]
     timg, _ = resize_pair(read_image(ts.img), None, data.target.scale)
     timg, _ = sample_crop(rng, timg, None, data.crop, flip_prob=data.flip_prob)
     return c, img, lbl, timg
@@ -117,14 +118,14 @@ def test_determinism_workers_resume_rank_seed(bench):
 
 def test_source_only_mode(bench):
     ds = _dataset(bench, "source_only")
-    assert ds.rcs is None and ds.other is None
+    assert ds.planner.rcs is None and ds.planner.other is None
     batch = _batches(ds, 0, 1)[0]
     assert set(batch) == {"img", "gt", "rcs_class", "failed", "valid_hw"}
     assert batch["rcs_class"].tolist() == [-1] * B
     # Without RCS: a uniform image index, then the cat_max_ratio crop; replayed by hand.
     for j in range(B):
         rng = item_rng(0, 0, 0, j, 0)
-        s = ds.main.samples[int(rng.integers(10))]
+        s = ds.planner.main.samples[int(rng.integers(10))]
         img, lbl = resize_pair(read_image(s.img), read_label(s.label), (80, 48))
         img, lbl = sample_crop(rng, img, lbl, (32, 32), cat_max_ratio=0.75, flip_prob=0.5)
         np.testing.assert_array_equal(batch["img"][j].permute(1, 2, 0).numpy(), img)
@@ -133,13 +134,13 @@ def test_source_only_mode(bench):
 
 def test_target_only_mode_uses_target_labels(bench):
     ds = _dataset(bench, "target_only")
-    assert [s.label.name for s in ds.main.samples][:1] == ["alpha_000000_000019_gtFine_labelTrainIds.png"]
-    assert len(ds.main.samples) == 6 and ds.other is None and ds.rcs is None
+    assert [s.label.name for s in ds.planner.main.samples][:1] == ["alpha_000000_000019_gtFine_labelTrainIds.png"]
+    assert len(ds.planner.main.samples) == 6 and ds.planner.other is None and ds.planner.rcs is None
     batch = _batches(ds, 2, 3)[0]
     assert "target_img" not in batch
     for j in range(B):
         rng = item_rng(0, 0, 2, j, 0)
-        s = ds.main.samples[int(rng.integers(6))]
+        s = ds.planner.main.samples[int(rng.integers(6))]
         assert "gtFine/train" in s.label.as_posix()
         img, lbl = resize_pair(read_image(s.img), read_label(s.label), (80, 48))
         img, lbl = sample_crop(rng, img, lbl, (32, 32), cat_max_ratio=0.75, flip_prob=0.5)
@@ -276,3 +277,16 @@ def test_synthetic_source_only_and_bad_counts(tmp_path, capsys):
     assert len(json.loads((tmp_path / "s" / "source" / "sample_class_stats.json").read_text())) == 2
     assert make_main([str(tmp_path / "e"), "--n-source", "0"]) == 2
     assert "n_source >= 1" in capsys.readouterr().err
+
+
+def test_ensure_synthetic_generates_only_without_the_statistics(tmp_path):
+    kw = {"n_source": 2, "n_target": 1, "n_val": 0, "size": (64, 32), "quiet": True}
+    assert ensure_synthetic(tmp_path, **kw) is True
+    first = _hashes(tmp_path)
+    marker = tmp_path / "source" / "images" / "00000.png"
+    marker.write_bytes(b"edited")
+    assert ensure_synthetic(tmp_path, **kw) is False  # present: nothing is rewritten
+    assert marker.read_bytes() == b"edited"
+    (tmp_path / "source" / "sample_class_stats.json").unlink()  # as after an interrupted generation
+    assert ensure_synthetic(tmp_path, **kw) is True
+    assert _hashes(tmp_path) == first

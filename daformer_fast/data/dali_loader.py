@@ -1,14 +1,13 @@
 """NVIDIA DALI training loader: the torch loader's batches, with image decode, resize, crop and flip in DALI.
 
-Same batch contract and the same random decisions as `torch_loader` (item k = sample j of iteration t, every
-draw from `item_rng(seed, rank, t, j, stream)`), so the two loaders are interchangeable mid-run.
+Same batch contract as `torch_loader`, and the same `plan.ItemPlan` per item, so the two loaders are
+interchangeable mid-run.
 
 Division of work:
 
-- Host ("plan", `PlanDataset`, in torch DataLoader workers): replays `TrainDataset`'s draws — RCS class and
-  image, crop box (with the `cat_max_ratio` and RCS re-crop checks, which need the resized label), flip — from
-  the label only. The host decodes and resizes the label (Pillow + nearest resize: cheap), crops it and reads
-  the image's size from its header. It never decodes an image.
+- Host (torch DataLoader workers, `PlanDataset`): the sample plans of `plan.ItemPlanner`, the same decisions
+  the torch loader executes. The planner decodes and resizes labels (Pillow + nearest resize: cheap) for the
+  crop rules; of each image it reads only the size from the header (`read_image_header`), never the pixels.
 - DALI: image file read and decode (PNG is decoded by CPU threads inside DALI even on a GPU; only JPEG has a
   GPU decoder), resize of the crop window only, flip, pad, HWC → CHW; on the GPU when the loader's device is
   CUDA (`mixed` decoder, `gpu` operators), on the CPU otherwise. One graph: operators take the device as a
@@ -38,26 +37,19 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from daformer_fast.config import DataConfig
-from daformer_fast.data.datasets import DatasetError, read_label, rescale_size, resize_label
-from daformer_fast.data.pipeline import IGNORE, crop_box, random_crop
-from daformer_fast.data.torch_loader import (
-    Mode,
-    TrainDataset,
-    _Fatal,
-    _Side,
-    check_label_values,
-    item_rng,
-)
+from daformer_fast.data.datasets import DatasetError
+from daformer_fast.data.plan import ItemPlanner, Mode, SidePlan
 
-__all__ = ["DaliTrainLoader", "PlanDataset", "dali_available", "resize_taps"]
+__all__ = ["DaliTrainLoader", "PlanDataset", "dali_available", "read_image_header", "resize_taps"]
 
 Resize = Literal["exact", "fast"]
 _OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw")
@@ -76,7 +68,7 @@ def dali_available() -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Host side: OpenCV's resize taps and the per-sample plan
+# Host side: OpenCV's resize taps and the DALI inputs of a plan
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -122,9 +114,9 @@ def _paste_args(idx: np.ndarray, axis: int, other: tuple[int, int], j: int) -> l
     return [np.full(n, j, np.int32), a, s, o]
 
 
-def _exact_args(src_hw: tuple[int, int], size: tuple[int, int], box, j: int) -> list[np.ndarray]:
-    """Arguments of the bit-exact resize of the crop window `box` (module docstring), 22 arrays."""
-    (h, w), (W, H), (y0, y1, x0, x1) = src_hw, size, box
+def _exact_args(side: SidePlan, j: int) -> list[np.ndarray]:
+    """Arguments of the bit-exact resize of the crop window of sample j (module docstring), 22 arrays."""
+    (h, w), (H, W), (y0, y1, x0, x1) = side.src_hw, side.size_hw, side.box
     c0, c1, a0, a1 = resize_taps(w, W, x0, x1, clamp_weights=True)
     r0, r1, b0, b1 = resize_taps(h, H, y0, y1, clamp_weights=False)
     top = int(r0[0])  # rows the horizontal pass needs: top .. r1[-1] (indices are non-decreasing)
@@ -137,9 +129,9 @@ def _exact_args(src_hw: tuple[int, int], size: tuple[int, int], box, j: int) -> 
     ]  # fmt: skip
 
 
-def _fast_args(src_hw: tuple[int, int], size: tuple[int, int], box) -> list[np.ndarray]:
+def _fast_args(side: SidePlan) -> list[np.ndarray]:
     """`fn.resize` ROI (source coordinates, (y, x)) and output size of the crop window, 3 arrays."""
-    (h, w), (W, H), (y0, y1, x0, x1) = src_hw, size, box
+    (h, w), (H, W), (y0, y1, x0, x1) = side.src_hw, side.size_hw, side.box
     sy, sx = h / H, w / W
     return [
         np.array([y0 * sy, x0 * sx], np.float32), np.array([y1 * sy, x1 * sx], np.float32),
@@ -150,8 +142,9 @@ def _fast_args(src_hw: tuple[int, int], size: tuple[int, int], box) -> list[np.n
 _N_GEOM = {"exact": 22, "fast": 3}
 
 
-def _image_size(path) -> tuple[int, int]:
-    """(h, w) from the image header, after EXIF orientation (OpenCV and DALI both apply it)."""
+def read_image_header(path: Path) -> tuple[tuple[int, int], None]:
+    """The DALI loader's `plan.ImageReader`: (h, w) from the image header, after EXIF orientation (OpenCV and
+    DALI both apply it); the pixels are left to DALI."""
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -161,93 +154,35 @@ def _image_size(path) -> tuple[int, int]:
             orientation = im.getexif().get(0x0112, 1) if has_exif else 1
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from None
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+    return ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), None
 
 
-def _apply_label(lbl: np.ndarray, box, flip: bool, crop: tuple[int, int]) -> np.ndarray:
-    """The label half of `pipeline._apply`: crop, flip, pad with 255."""
-    y0, y1, x0, x1 = box
-    out = lbl[y0:y1, x0:x1]
-    if flip:
-        out = out[:, ::-1]
-    if out.shape != tuple(crop):
-        out = np.pad(out, ((0, crop[0] - out.shape[0]), (0, crop[1] - out.shape[1])), constant_values=IGNORE)
-    return np.ascontiguousarray(out)
-
-
-class PlanDataset(TrainDataset):
-    """`TrainDataset`'s draws without decoding images: item k → the DALI pipeline's inputs of that sample.
-
-    `_plan` mirrors `TrainDataset._draw` + `pipeline.sample_crop` draw for draw; the equality tests against the
-    torch loader hold it to that.
-    """
+class PlanDataset(Dataset):
+    """Item k → the DALI pipeline's inputs of `ItemPlanner.plan(k)` (the torch loader's plan), images undecoded."""
 
     def __init__(self, data: DataConfig, *, mode: Mode, num_classes: int, seed: int, rank: int = 0,
                  resize: Resize = "exact") -> None:  # fmt: skip
-        super().__init__(data, mode=mode, num_classes=num_classes, seed=seed, rank=rank)
-        self.resize = resize
+        self.data, self.resize = data, resize
+        self.planner = ItemPlanner(data, mode=mode, num_classes=num_classes, seed=seed, rank=rank,
+                                   read_image=read_image_header)  # fmt: skip
 
-    def _read_meta(self, side: _Side, i: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
-        """(image path as utf-8 bytes for `fn.io.file.read`, image (h, w), label or None)."""
-        s = side.samples[i]
-        hw = _image_size(s.img)
-        lbl = None
-        if side.labelled:
-            lbl = read_label(s.label)
-            if lbl.shape != hw:
-                raise _Fatal(
-                    f"image/label size mismatch: {s.img} is {hw[1]}x{hw[0]}, {s.label} is {lbl.shape[1]}x{lbl.shape[0]}"
-                )
-            try:
-                check_label_values(lbl, self.num_classes, s.label)
-            except DatasetError as e:
-                raise _Fatal(str(e)) from None
-        return np.frombuffer(str(s.img).encode(), np.uint8), hw, lbl
+    def __len__(self) -> int:
+        return 2**62  # indices come from the DataLoader's sampler
 
-    def _crop(self, rng, hw, lbl, *, cat_max_ratio: float, rcs_class: int | None, rcs_min_pixels: float):
-        """(box clipped to the image, flip, cropped label or None): `sample_crop`'s draws."""
-        crop = self.data.crop
-
-        def once():
-            box = random_crop(rng, lbl, crop, cat_max_ratio) if lbl is not None else crop_box(rng, hw, crop)
-            flip = bool(rng.random() < self.data.flip_prob)
-            return box, flip, (_apply_label(lbl, box, flip, crop) if lbl is not None else None)
-
-        box, flip, out = once()
-        if rcs_class is not None and lbl is not None:
-            for _ in range(10):
-                if np.count_nonzero(out == rcs_class) > rcs_min_pixels:
-                    break
-                box, flip, out = once()
-        y0, y1, x0, x1 = box
-        return (y0, min(y1, hw[0]), x0, min(x1, hw[1])), flip, out
-
-    def _plan(self, side: _Side, rng: np.random.Generator, use_rcs: bool, j: int):
-        """(DALI inputs of the image: path, geometry, flip; cropped label; RCS class; files skipped; valid (h, w))."""
-        c, (path, hw, lbl), failed = self._draw_readable(side, rng, use_rcs, self._read_meta)
-        size = rescale_size(hw[1], hw[0], side.cfg.scale)
-        if lbl is not None:
-            lbl = resize_label(lbl, size)
-        box, flip, lbl_crop = self._crop(
-            rng, (size[1], size[0]), lbl,
-            cat_max_ratio=self.data.cat_max_ratio if side.labelled else 1.0,
-            rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
-            rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
-        )  # fmt: skip
-        geom = _exact_args(hw, size, box, j) if self.resize == "exact" else _fast_args(hw, size, box)
-        valid = np.array([box[1] - box[0], box[3] - box[2]], np.int64)  # the clipped box: `pipeline.valid_size`
-        return [path, *geom, np.array(flip, np.int32)], lbl_crop, c, failed, valid
+    def _image_inputs(self, side: SidePlan, j: int) -> list[np.ndarray]:
+        """(image path as utf-8 bytes for `fn.io.file.read`, resize geometry of the crop window, flip)."""
+        geom = _exact_args(side, j) if self.resize == "exact" else _fast_args(side)
+        return [np.frombuffer(str(side.img_path).encode(), np.uint8), *geom, np.array(side.flip, np.int32)]
 
     def __getitem__(self, k: int) -> dict:
-        t, j = divmod(int(k), self.data.batch_size)
-        rng = item_rng(self.seed, self.rank, t, j, 0)
-        img, lbl, c, failed, valid = self._plan(self.main, rng, self.rcs is not None, j)
-        out = {"img": img, "gt": lbl, "rcs_class": c, "valid_hw": valid}
-        if self.other is not None:
-            rng = item_rng(self.seed, self.rank, t, j, 1)
-            out["target_img"], _, _, tfailed, out["target_valid_hw"] = self._plan(self.other, rng, False, j)
-            failed += tfailed
-        out["failed"] = failed
+        plan = self.planner.plan(k)
+        main = plan.labelled
+        out = {"img": self._image_inputs(main, plan.index), "gt": main.label, "rcs_class": main.rcs_class,
+               "valid_hw": np.array(main.valid_hw, np.int64)}  # fmt: skip
+        if plan.unlabelled is not None:
+            out["target_img"] = self._image_inputs(plan.unlabelled, plan.index)
+            out["target_valid_hw"] = np.array(plan.unlabelled.valid_hw, np.int64)
+        out["failed"] = plan.failed
         return out
 
 
@@ -351,7 +286,7 @@ class DaliTrainLoader:
             self.dataset, batch_size=B, sampler=range(self.start_iter * B, self.max_iters * B), num_workers=w,
             collate_fn=_as_list, prefetch_factor=4 if w > 0 else None,
         ))  # fmt: skip
-        with_target = self.dataset.other is not None
+        with_target = self.dataset.planner.other is not None
         n_side = 2 + _N_GEOM[self.resize]
 
         def feed():
