@@ -27,7 +27,8 @@ from typing import Any
 
 import yaml
 
-from daformer_fast.config import Config, ConfigError, DatasetConfig, config_to_dict, parse_config
+from daformer_fast.cli import add_common_args, config_overrides, run_cli
+from daformer_fast.config import Config, ConfigError, DatasetConfig, config_to_dict, load_config, parse_config
 
 __all__ = ["EXPERIMENT_IDS", "Run", "build_config", "config_delta", "experiment_runs", "main", "write_experiment"]
 
@@ -287,11 +288,11 @@ def write_experiment(exp: int, out_dir: str | Path = "configs/generated",
 
 
 def _run_all(paths: list[Path]) -> int:
-    try:
-        from daformer_fast.train import main as train_main  # lazy: training pulls in torch, models and data
-    except ImportError as e:
-        print(f"error: cannot import daformer_fast.train ({e})", file=sys.stderr)
-        return 1
+    from daformer_fast.distributed import resolve_device  # lazy: training pulls in torch, models and data
+    from daformer_fast.train import main as train_main
+
+    for path in paths:  # a device this host lacks would fail every run of the sweep: say so once, up front
+        resolve_device(load_config(path).train.device)
     failed = []
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] training {path}", flush=True)
@@ -312,27 +313,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--run", action="store_true", help="train the available runs one after another")
     mode.add_argument("--torchrun", type=int, metavar="N", help="print one torchrun command line per run (N GPUs)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="config overrides applied to every run (e.g. data roots)")  # fmt: skip
+    add_common_args(p, config=None, trust=False,
+                    set_help="config overrides applied to every run (e.g. data roots); repeated --set flags accumulate")
     p.add_argument("--out", default="configs/generated", help="folder for the exp<ID>/ config folders")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
+def _main(args: argparse.Namespace) -> int:
     if args.torchrun is not None and args.torchrun < 1:
-        print(f"error: --torchrun needs N >= 1, got {args.torchrun}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--torchrun needs N >= 1, got {args.torchrun}")
     # With --torchrun, stdout carries only the command lines so it can be piped into a shell or a job file.
     info = sys.stderr if args.torchrun is not None else sys.stdout
-    try:
-        runs = experiment_runs(args.exp)
-        paths: list[Path] = []
-        if not args.list:
-            paths, _ = write_experiment(args.exp, args.out, args.set)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    runs = experiment_runs(args.exp)
+    paths: list[Path] = []
+    if not args.list:
+        paths, _ = write_experiment(args.exp, args.out, config_overrides(args))
     for run in runs:
         reason = run.unavailable_reason
         if reason:
@@ -353,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.run and not args.list:
         return _run_all(paths)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, _parse_args(argv))
 
 
 if __name__ == "__main__":

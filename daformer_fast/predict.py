@@ -23,10 +23,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from daformer_fast.checkpoint import FORMAT, CheckpointError, load_weights, read_checkpoint
-from daformer_fast.config import Config, ConfigError, load_config, parse_config
+from daformer_fast.checkpoint import FORMAT, load_weights, read_checkpoint
+from daformer_fast.cli import add_common_args, config_overrides, run_cli
+from daformer_fast.config import Config, load_config, parse_config
 from daformer_fast.data.datasets import DatasetError, Sample
-from daformer_fast.evaluate import iter_predictions, resolve_device, save_prediction_png
+from daformer_fast.distributed import resolve_device
+from daformer_fast.inference import iter_predictions, save_prediction_png
 from daformer_fast.models import build_segmentor
 
 __all__ = ["find_images", "main", "overlay"]
@@ -66,13 +68,13 @@ def overlay(img_HW3: np.ndarray, pred_HW: np.ndarray, palette: np.ndarray, opaci
 
 def _config(args: argparse.Namespace) -> Config:
     if args.config is not None:
-        return load_config(args.config, args.set)
+        return load_config(args.config, config_overrides(args))
     state = read_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
     if state.get("format") == FORMAT and isinstance(state.get("config"), dict):
         print(f"using the config stored in {args.checkpoint}")
-        return parse_config(state["config"], args.set)
+        return parse_config(state["config"], config_overrides(args))
     print("no config given or stored in the checkpoint; using the defaults (pass --config to change)")
-    return parse_config({}, args.set)
+    return parse_config({}, config_overrides(args))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,13 +82,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--checkpoint", required=True, help="checkpoint file; the student predicts")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--config", help="YAML config (default: the one stored in the checkpoint)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides")
+    add_common_args(p, config="option", config_help="YAML config (default: the one stored in the checkpoint)")
     p.add_argument("--scale", nargs=2, type=int, metavar=("LONG", "SHORT"), help="resize target (default data.val)")
     p.add_argument("--opacity", type=float, default=0.5, help="colour weight in the overlay, 0..1")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: train.device)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow full unpickling of the checkpoint")
     args = p.parse_args(argv)
     if not 0.0 <= args.opacity <= 1.0:
         p.error("--opacity must be in [0, 1]")
@@ -96,7 +95,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _run(args: argparse.Namespace) -> None:
     samples = find_images(args.inputs)
     cfg = _config(args)
-    device = resolve_device(args.device or cfg.train.device)
+    device = resolve_device(cfg.train.device)
     scale = tuple(args.scale) if args.scale else cfg.data.val.scale
     num_classes = cfg.model.num_classes
     palette = np.zeros((256, 3), dtype=np.uint8)  # a 256-entry lookup, so any uint8 id indexes it
@@ -119,13 +118,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        _run(args)
-    except (ConfigError, DatasetError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)  # user errors: the message, no traceback
-        return 2
-    return 0
+    return run_cli(_run, _parse_args(argv))
 
 
 if __name__ == "__main__":

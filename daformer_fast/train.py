@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from daformer_fast.checkpoint import CheckpointError
-from daformer_fast.config import ConfigError, load_config
-from daformer_fast.data.datasets import DatasetError
+from daformer_fast.cli import add_common_args, config_overrides, run_cli
+from daformer_fast.config import load_config
 
 __all__ = ["main"]
 
@@ -26,39 +25,20 @@ __all__ = ["main"]
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m daformer_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("config", help="YAML config (deltas from the paper's GTA→Cityscapes defaults)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.max_iters=100")
+    add_common_args(p, trust_help="allow full unpickling (can run code) of --resume PATH and model.pretrained")
     p.add_argument("--resume", metavar="auto|PATH", help="auto = newest checkpoint in the work dir, if any")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow full unpickling (can run code) of --resume PATH and model.pretrained")  # fmt: skip
     return p.parse_args(argv)
 
 
-def _short(e: Exception) -> str:
-    """The message of `e`; for an error re-raised from a DataLoader worker, only the original error's last line
-    (torch puts the worker's whole traceback into the message)."""
-    msg = str(e)
-    if "Original Traceback" in msg:
-        last = msg.strip().splitlines()[-1]
-        msg = last.split(": ", 1)[1] if last.startswith(type(e).__name__ + ": ") else last
-    return msg
+def _run(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, config_overrides(args))
+    from daformer_fast.trainer import train  # after the config check: importing torch takes a few seconds
+
+    train(cfg, resume=args.resume, trust=args.trust_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.set)
-        from daformer_fast.trainer import train  # after the config check: importing torch takes a few seconds
-
-        train(cfg, resume=args.resume, trust=args.trust_checkpoint)
-    except (ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
-        # User-facing failures: one short message, no traceback; checkpoints already written stay as they are.
-        print(f"error: {_short(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli(_run, _parse_args(argv))
 
 
 if __name__ == "__main__":
