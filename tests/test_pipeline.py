@@ -66,6 +66,27 @@ def test_resize_pair_keeps_ratio(size, scale, expected):
     assert resize_pair(img, None, scale)[1] is None
 
 
+def test_normalize_multiplies_by_the_float32_reciprocal():
+    """mmcv's arithmetic written independently in numpy: (x − mean) · (1/std computed in float64, then float32)."""
+    x = np.broadcast_to(np.arange(256, dtype=np.uint8), (1, 3, 1, 256)).copy()  # every value in every channel
+    mean = np.array([123.675, 116.28, 103.53], np.float32).reshape(1, 3, 1, 1)
+    stdinv = (1 / np.array([58.395, 57.12, 57.375], np.float64)).astype(np.float32).reshape(1, 3, 1, 1)
+    ref = (x.astype(np.float32) - mean) * stdinv
+    np.testing.assert_array_equal(normalize(torch.from_numpy(x)).numpy(), ref)
+    # The form matters: dividing by the float32 std rounds some values differently, by one ulp.
+    div = (x.astype(np.float32) - mean) / np.array([58.395, 57.12, 57.375], np.float32).reshape(1, 3, 1, 1)
+    ulps = np.abs(ref.view(np.int32).astype(np.int64) - div.view(np.int32).astype(np.int64))
+    assert ulps.max() == 1 and (ulps > 0).sum() > 10
+
+
+def test_normalize_of_a_channels_last_batch():
+    """Evaluation's (B, H, W, 3) batches go in permuted; the result is the same contiguous (B, 3, H, W) tensor."""
+    x_BHW3 = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    out = normalize(x_BHW3.permute(0, 3, 1, 2))
+    assert out.is_contiguous() and out.shape == (2, 3, 5, 6)
+    assert torch.equal(out, normalize(x_BHW3.permute(0, 3, 1, 2).contiguous()))
+
+
 def test_apply_crop_by_hand():
     a = np.arange(12, dtype=np.uint8).reshape(3, 4)
     out = apply_crop(a, (1, 3, 1, 4), True, (3, 4), 255)  # rows 1-2, columns 1-3, mirrored, one row/column padded

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from daformer_fast.data.datasets import rescale_size, resize_image, resize_label
+from daformer_fast.utils import to_device
 
 __all__ = ["IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "apply_crop", "normalize", "resize_pair"]
 
@@ -49,31 +50,41 @@ def apply_crop(a: np.ndarray, box: tuple[int, int, int, int], flip: bool, crop: 
 
 @functools.cache
 def _norm_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean/std as (1, 3, 1, 1) tensors on `device`, made once: a per-step host→device copy of a Python list
-    would block the host on CUDA."""
+    """Mean/std as (1, 3, 1, 1) float32 tensors on `device`, made once: a per-step host→device copy of a Python
+    list would block the host on CUDA."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return mean, std
 
 
+@functools.cache
+def _inv_std(device: torch.device) -> torch.Tensor:
+    """1/std as a (1, 3, 1, 1) float32 tensor on `device`: computed in float64, then rounded, as mmcv does."""
+    return torch.tensor([1.0 / s for s in IMAGENET_STD], dtype=torch.float64).float().view(1, 3, 1, 1).to(device)
+
+
 def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 RGB batch → float32 (x − mean) / std with the ImageNet statistics, on the tensor's device.
+    """uint8 RGB batch → contiguous float32 (x − mean) · (1/std) with the ImageNet statistics, on its device.
+
+    mmcv's Normalize multiplies by the reciprocal (float64, rounded to float32) rather than dividing by std; so
+    does this, for training and evaluation alike (a division rounds differently, by an ulp, on some values).
 
     Args:
-        img_B3HW: a loader's `img` or `target_img`.
+        img_B3HW: a loader's `img` or `target_img`. A (B, H, W, 3) uint8 batch such as evaluation's may be passed
+            as `x_BHW3.permute(0, 3, 1, 2)`: the result is contiguous (B, 3, H, W) either way.
         valid_hw_B2: the matching `valid_hw` / `target_valid_hw`: per sample, the (h, w) of real pixels. Pixels
             below or right of it are padding and come out exactly 0, as in the reference, which pads the
             normalised image with 0. None: no padding.
     """
-    mean, std = _norm_stats(img_B3HW.device)
-    out = (img_B3HW.float() - mean) / std
+    mean, _ = _norm_stats(img_B3HW.device)
+    out = ((img_B3HW.float() - mean) * _inv_std(img_B3HW.device)).contiguous()
     if valid_hw_B2 is None:
         return out
     H, W = out.shape[-2:]
     # Host-side check on a CPU tensor (no device sync): at the paper's scales nothing is ever padded.
     if valid_hw_B2.device.type == "cpu" and bool((valid_hw_B2 >= torch.tensor([H, W])).all()):
         return out
-    valid_hw = valid_hw_B2.to(out.device, non_blocking=True)
+    valid_hw = to_device(valid_hw_B2, out.device)
     rows_BHW = torch.arange(H, device=out.device).view(1, H, 1) < valid_hw[:, 0].view(-1, 1, 1)
     cols_BHW = torch.arange(W, device=out.device).view(1, 1, W) < valid_hw[:, 1].view(-1, 1, 1)
     return out.masked_fill_(~(rows_BHW & cols_BHW).unsqueeze(1), 0.0)
