@@ -23,7 +23,7 @@ import torch
 
 from daformer_fast.config import parse_config
 from daformer_fast.data.loader import build_train_loader
-from daformer_fast.tools.make_synthetic import make_synthetic
+from daformer_fast.data.synthetic import make_synthetic
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ITERS = 5
@@ -121,12 +121,10 @@ def test_fast_resize_within_one_grey_level(bench):
             assert d.max() <= 1 and d.float().mean() < 0.2, (k, d.max(), d.float().mean())
 
 
-def test_auto_picks_torch_on_cpu(bench, caplog):
+def test_auto_picks_torch_on_cpu(bench, caplog, monkeypatch):
     data = _data(bench, loader="auto")
+    monkeypatch.setattr("daformer_fast.utils._logged", set())  # the choice is logged once per process
     with caplog.at_level(logging.INFO, logger="daformer_fast.data"):
-        import daformer_fast.data.loader as loader_mod
-
-        loader_mod._logged.clear()
         it = build_train_loader(data, mode="dacs", num_classes=19, seed=0, max_iters=1, device="cpu")
     assert isinstance(it, torch.utils.data.DataLoader)
     assert "torch DataLoader" in caplog.text

@@ -13,18 +13,13 @@ import torch
 
 from daformer_fast.config import DataConfig
 from daformer_fast.data.dali_loader import DaliTrainLoader, dali_available
-from daformer_fast.data.torch_loader import Mode, TrainDataset, build_torch_loader
+from daformer_fast.data.plan import Mode
+from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
+from daformer_fast.utils import log_once
 
 __all__ = ["build_train_loader"]
 
 log = logging.getLogger("daformer_fast.data")
-_logged: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
 
 
 def build_train_loader(
@@ -42,10 +37,10 @@ def build_train_loader(
         ok, why = dali_available()
         if device.type != "cuda":
             choice = "torch"
-            _log_once(f"data.loader=auto: torch DataLoader (device is {device}, DALI is used on CUDA devices only)")
+            log_once(log, f"data.loader=auto: torch DataLoader (device is {device}, DALI is used on CUDA devices only)")
         elif not ok:
             choice = "torch"
-            _log_once(f"data.loader=auto: torch DataLoader (NVIDIA DALI does not import: {why})")
+            log_once(log, f"data.loader=auto: torch DataLoader (NVIDIA DALI does not import: {why})")
         else:
             choice = "dali"
     if choice == "dali":
