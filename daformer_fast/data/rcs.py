@@ -6,8 +6,8 @@ From the source dataset's `sample_class_stats.json` (per-image pixel counts at t
     P(c) ∝ exp((1 − f_c) / T)  ≡  exp(−f_c / T)
 
 Sampling one source item: draw c ~ P, then an image uniformly among those with more than `min_pixels` pixels of
-c; the crop of that image is re-drawn (same image) up to 10 times until it holds more than
-`min_pixels · min_crop_ratio` pixels of c (checked by the pipeline, `pipeline.random_crop`). Only classes that
+c; the crop of that image is re-drawn (same image) up to `plan.RCS_CHECKS` = 10 times until it holds more
+than `min_pixels · min_crop_ratio` pixels of c (checked by the sample plan, `plan.draw_crop`). Only classes that
 occur at least once enter P (Synthia has no terrain, truck or train). JSON entries are matched to dataset
 samples by the label file's base name only (the Cityscapes city folder is ignored), as in the reference.
 
