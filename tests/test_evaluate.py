@@ -14,8 +14,9 @@ from PIL import Image
 
 from daformer_fast.checkpoint import save_checkpoint
 from daformer_fast.config import parse_config
-from daformer_fast.evaluate import TRAIN_ID_TO_LABEL_ID
+from daformer_fast.data.datasets import Sample
 from daformer_fast.evaluate import main as evaluate_main
+from daformer_fast.inference import TRAIN_ID_TO_LABEL_ID, iter_predictions
 from daformer_fast.models import build_segmentor
 from daformer_fast.predict import main as predict_main
 
@@ -170,3 +171,32 @@ def test_predict_folder_with_two_sizes(setup, capsys):
     assert predict_main(["--checkpoint", str(setup["tmp"] / "nope.pth"), str(inputs), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a segmentor: records the network input, predicts class 0 everywhere."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def predict(self, x_B3HW: torch.Tensor, out_size) -> torch.Tensor:
+        self.inputs.append(x_B3HW.clone())
+        return torch.zeros(x_B3HW.shape[0], 2, *out_size)
+
+
+def test_inference_normalises_as_mmcv(tmp_path):
+    # All 256 values in every channel, at the network size already (the keep-ratio resize is then the identity).
+    img = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)
+    img[..., 1] = img[..., 1].T
+    Image.fromarray(img).save(tmp_path / "a.png")
+    model = _Recorder().train()
+    preds = list(iter_predictions(model, [Sample(tmp_path / "a.png", None, "a")], (16, 16), "cpu", with_labels=False))
+    assert len(preds) == 1 and model.training  # eval mode only for the duration
+    x = model.inputs[0]
+    assert x.dtype == torch.float32 and x.shape == (1, 3, 16, 16) and x.is_contiguous()
+    # mmcv: (x - mean) * (1/std), the reciprocal computed in float64 and rounded to float32, all in float32.
+    mean = np.array([123.675, 116.28, 103.53], np.float32)
+    inv_std = (1.0 / np.array([58.395, 57.12, 57.375], np.float64)).astype(np.float32)
+    expected = ((img.astype(np.float32) - mean) * inv_std).transpose(2, 0, 1)[None]
+    np.testing.assert_array_equal(x.numpy(), expected)
