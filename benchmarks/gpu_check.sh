@@ -60,7 +60,7 @@ if [[ $DRY == 1 ]]; then
         --skip +compile +bf16 +sync-free\ batched\ step +fused\ kernels --set "data.crop=[32,32]" \
         --json "$RES/throughput.json"
 else
-    # 3. Kernel tests and the fast-vs-reference parity tests, on the GPU.
+    # 3. Kernel tests and the fast-vs-original parity tests, on the GPU.
     part tests 150 python -m pytest -q -x tests/kernels tests/test_train_step.py -p no:cacheprovider
     # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers.
     part throughput-eager 100 python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
@@ -100,11 +100,11 @@ for name in ("throughput_eager.json", "throughput.json"):
             mem = e["peak_mem_gib"]
             mfu = f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "-"
             print(f"  {e['rung']:<25}{e['img_s']:>9.2f} img/s {e['ms_p50']:>9.1f} ms  "
-                  f"{(f'{mem:.2f} GiB') if mem is not None else '-':>10}  MFU {mfu:>6}  x{e['speedup_vs_reference']:.2f}")
+                  f"{(f'{mem:.2f} GiB') if mem is not None else '-':>10}  MFU {mfu:>6}  x{e['speedup_vs_original']:.2f}")
         else:
             print(f"  {e['rung']:<25}{e.get('status', 'not reached')}: {e.get('reason', '')[:70]}")
     if "fast" in r:
-        print(f"  fast vs reference: {r['fast']['speedup']:.2f}x; targets: {r.get('targets')}")
+        print(f"  fast vs original: {r['fast']['speedup']:.2f}x; targets: {r.get('targets')}")
 p = res / "step_memory.json"
 if p.exists():
     r = json.loads(p.read_text())

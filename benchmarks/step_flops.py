@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from daformer_fast.config import Config
 from daformer_fast.ops._dispatch import default_impl, set_default_impl
-from daformer_fast.uda.dacs import UDAStep, build_optimizer
+from daformer_fast.build import build_training
 
 __all__ = ["conv_flops", "count_step_flops", "flop_counter"]
 
@@ -54,24 +53,21 @@ def flop_counter() -> FlopCounterMode:
 
 
 def count_step_flops(
-    cfg: Config, make_student: Callable[[], torch.nn.Module], batch: dict[str, torch.Tensor], t: int,
-    device: torch.device,
-) -> tuple[int, dict[str, int]]:  # fmt: skip
-    """FLOPs of one step of `cfg.train.path`, counted in eager fp32 with reference ops.
+    cfg: Config, state: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], t: int, device: torch.device
+) -> tuple[int, dict[str, int]]:
+    """FLOPs of one step of `cfg.train.path` from the student weights `state`, counted in eager fp32 with the
+    plain-PyTorch (reference) ops.
 
     Returns (total, per-op totals). Precision does not change the arithmetic; compile fuses elementwise work the
     count leaves out anyway.
     """
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp32", compile=False))
+    r = dataclasses.replace
+    cfg = r(cfg, train=r(cfg.train, precision="fp32", compile=False), kernels=r(cfg.kernels, impl="reference"))
     previous = default_impl()
-    set_default_impl("reference")
     try:
-        student = make_student()
-        opt = build_optimizer(cfg, student, fused=cfg.train.path == "fast")
-        step = UDAStep(cfg, student, opt, device=device)
-        step.train()
+        _, step, _ = build_training(cfg, device, initial_state=state)
         with flop_counter() as counter:
             step(copy.copy(batch), t)
         by_op = {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()}

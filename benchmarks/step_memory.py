@@ -3,7 +3,7 @@
     python benchmarks/step_memory.py [--config configs/gta2cs.yaml] [--set section.key=value ...] [--json PATH]
                                      [--flops] [--threads N]
 
-Counts, for the reference path in fp32 and the fast path in fp32 and bf16 (with the kernels `auto` picks there),
+Counts, for the original path in fp32 and the fast path in fp32 and bf16 (with the kernels `auto` picks there),
 the bytes of every tensor storage alive during one steady-state step: a `TorchDispatchMode` records each storage an
 op creates and a weak reference drops it when it is freed, on top of the state that lives across steps (student,
 EMA teacher and ImageNet copy, their buffers, the gradients of the previous step, AdamW's moments). The peak is
@@ -38,14 +38,14 @@ from bench_env import environment  # noqa: E402
 from throughput import Setting, _synthetic_batches, build_step, count_path_flops, initial_weights  # noqa: E402
 
 from daformer_fast.config import load_config  # noqa: E402
-from daformer_fast.uda.dacs import UDAStep  # noqa: E402
+from daformer_fast.step import UDAStep  # noqa: E402
 
 __all__ = ["StorageTracker", "step_memory"]
 
 GIB = 2**30
 # fp32 is the configs' default (the paper's precision); bf16 autocast is the fast configuration of the ladder.
 SETTINGS = {
-    "reference fp32": Setting(),
+    "original fp32": Setting(),
     "fast fp32": Setting(path="fast", kernels="auto"),
     "fast bf16": Setting(path="fast", precision="bf16", kernels="auto"),
 }

@@ -1,15 +1,15 @@
-"""End-to-end training throughput: the reference and the fast DAFormer step, built from one config, timed in one
+"""End-to-end training throughput: the original-order and the fast DAFormer step, built from one config, timed in one
 process, with the optimisation ladder between them.
 
     python benchmarks/throughput.py [--config configs/gta2cs.yaml] [--device cuda|cpu] [--quick] [--iters N]
                                     [--warmup N] [--json PATH] [--real-data] [--order sequential|interleaved]
 
 Ladder (cumulative; each rung changes one setting of the rung above it, everything else comes from the config):
-fp32 eager reference (`train.path=reference`, `kernels.impl=reference`) → +bf16 → +compile → +sync-free batched
+fp32 eager original (`train.path=original`, `kernels.impl=reference`) → +bf16 → +compile → +sync-free batched
 step (`train.path=fast`) → +fused kernels (`kernels.impl=triton` on CUDA, forcing every Triton kernel: the
 measurement `auto` waits for; `auto` elsewhere) → +DALI (`data.loader=dali`, only with
 `--real-data` on CUDA with DALI installed). A rung that cannot run here is skipped with the reason, and the rungs
-below it go on without its change. "reference" in the JSON is the first rung, "fast" the last one measured.
+below it go on without its change. "original" in the JSON is the first rung, "fast" the last one measured.
 
 Protocol: every rung starts from the same initial weights (`model.pretrained` is forced to null: no weight files,
 and the arithmetic does not depend on the values). `--warmup` steps (compilation included) are timed apart and
@@ -23,7 +23,7 @@ training loaders: the config's datasets when their folders exist, else a small s
 for the next batch, as a share of the timed wall time.
 
 FLOPs: one eager fp32 step of each path is counted from the model (benchmarks/step_flops.py says what is counted).
-The reference executes more (the original's separate feature-distance backward runs through the encoder a second
+The original path executes more (its separate feature-distance backward runs through the encoder a second
 time), so TFLOP/s and MFU of every rung use the fast path's count, the work the iteration needs (model FLOPs);
 both counts are in the JSON. MFU is against the datasheet dense peak of the rung's precision
 (benchmarks/bench_env.py); none on CPU.
@@ -57,15 +57,15 @@ from daformer_fast.config import Config, load_config, parse_config  # noqa: E402
 from daformer_fast.data.dali_loader import dali_available  # noqa: E402
 from daformer_fast.data.loader import build_train_loader  # noqa: E402
 from daformer_fast.models import build_segmentor  # noqa: E402
-from daformer_fast.ops._dispatch import set_default_impl  # noqa: E402
-from daformer_fast.uda.dacs import UDAStep, build_optimizer  # noqa: E402
+from daformer_fast.build import build_training  # noqa: E402
+from daformer_fast.step import UDAStep  # noqa: E402
 
 __all__ = ["LADDER", "Setting", "build_step", "count_path_flops", "initial_weights", "main", "run_benchmark"]
 
 
 @dataclass(frozen=True)
 class Setting:
-    path: str = "reference"
+    path: str = "original"
     precision: str = "fp32"
     compile: bool = False
     kernels: str = "reference"
@@ -74,7 +74,7 @@ class Setting:
 
 # (rung name, the one setting it changes).
 LADDER: tuple[tuple[str, dict], ...] = (
-    ("fp32 eager reference", {}),
+    ("fp32 eager original", {}),
     ("+bf16", {"precision": "bf16"}),
     ("+compile", {"compile": True}),
     ("+sync-free batched step", {"path": "fast"}),
@@ -161,7 +161,6 @@ class _Rung:
 
     def run(self, t: int, device: torch.device) -> None:
         """One timed step; on CUDA the events time the device work, the host clock the wall time."""
-        set_default_impl(self.setting.kernels)
         w0 = time.perf_counter()
         batch = self.next_batch()
         if device.type == "cuda":
@@ -191,14 +190,7 @@ class _DispatchLog(logging.Handler):
 
 def build_step(cfg: Config, setting: Setting, state: dict, device: torch.device) -> UDAStep:
     """The train step of `setting` from the given initial weights, in training mode."""
-    rcfg = _apply(cfg, setting)
-    set_default_impl(setting.kernels)
-    student = build_segmentor(rcfg.model, impl=setting.kernels)
-    student.load_state_dict(state)
-    student.to(device)
-    step = UDAStep(rcfg, student, build_optimizer(rcfg, student, fused=setting.path == "fast"), device=device)
-    step.train()
-    return step
+    return build_training(_apply(cfg, setting), device, initial_state=state)[1]
 
 
 def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
@@ -208,24 +200,18 @@ def initial_weights(cfg: Config) -> dict[str, torch.Tensor]:
 
 
 def count_path_flops(cfg: Config, state: dict, batch: dict, device: torch.device) -> dict[str, dict]:
-    """{path: {"total", "by_op"}} for the fast and the reference step at the steady-state iteration."""
-
-    def make_student():
-        s = build_segmentor(cfg.model, impl="reference")
-        s.load_state_dict(state)
-        return s.to(device)
-
+    """{path: {"total", "by_op"}} for the fast and the original-order step at the steady-state iteration."""
     flops = {}
-    for path in ("fast", "reference"):
-        total, by_op = count_step_flops(_apply(cfg, Setting(path=path)), make_student, batch,
-                                        cfg.schedule.warmup_iters, device)  # fmt: skip
+    for path in ("fast", "original"):
+        total, by_op = count_step_flops(_apply(cfg, Setting(path=path)), state, batch, cfg.schedule.warmup_iters,
+                                        device)  # fmt: skip
         flops[path] = {"total": total, "by_op": by_op}
     return flops
 
 
 def _build(name, setting, cfg, state, device, args_iters, real_tmp) -> _Rung:
+    rcfg = _apply(cfg, setting)
     step = build_step(cfg, setting, state, device)
-    rcfg = step.cfg
     if real_tmp is None:
         pool = _synthetic_batches(rcfg, device)
         batches = (pool[i % len(pool)] for i in range(10**9))
@@ -276,8 +262,8 @@ def run_benchmark(
 
     flops = count_path_flops(cfg, state, _synthetic_batches(cfg, device, 1)[0], device)
     model_flop = flops["fast"]["total"]
-    log(f"FLOPs per iteration: {model_flop / 1e12:.4f} TFLOP (fast path); the reference executes "
-        f"{flops['reference']['total'] / 1e12:.4f}")  # fmt: skip
+    log(f"FLOPs per iteration: {model_flop / 1e12:.4f} TFLOP (fast path); the original path executes "
+        f"{flops['original']['total'] / 1e12:.4f}")  # fmt: skip
 
     record = {
         **environment(device),
@@ -286,7 +272,7 @@ def run_benchmark(
                   "iters": iters, "warmup": warmup, "order": order, "quick": quick,
                   "data": "loaders" if real_data else "synthetic in-memory batches", "torch_threads":
                   torch.get_num_threads()},  # fmt: skip
-        "flops": {"model_flop_per_iter": model_flop, "reference_flop_per_iter": flops["reference"]["total"],
+        "flops": {"model_flop_per_iter": model_flop, "original_flop_per_iter": flops["original"]["total"],
                   "by_op": {p: f["by_op"] for p, f in flops.items()},
                   "counted": "matmul/conv/SDPA forward+backward of one eager fp32 step, 2 FLOPs per MAC "
                              "(benchmarks/step_flops.py)"},  # fmt: skip
@@ -367,7 +353,7 @@ def run_benchmark(
     measured = [e for e in record["ladder"] if e.get("status") == "measured"]
     if measured:
         ref, fast = measured[0], measured[-1]
-        record["reference"] = {**ref, "flop_per_iter_executed": flops["reference"]["total"]}
+        record["original"] = {**ref, "flop_per_iter_executed": flops["original"]["total"]}
         record["fast"] = {**fast, "speedup": round(fast["img_s"] / ref["img_s"], 3)}
         if device.type == "cuda":
             record["targets"] = {  # issue 6, for one H100 at the paper's setting
@@ -385,7 +371,7 @@ def _finish(record, rung, entry, device, imgs, model_flop, peak, log) -> None:
     s = _summary(rung, device, imgs, model_flop, peak)
     above = [e for e in record["ladder"][: record["ladder"].index(entry)] if e.get("status") == "measured"]
     s["gain"] = round(s["img_s"] / above[-1]["img_s"], 3) if above else 1.0
-    s["speedup_vs_reference"] = round(s["img_s"] / above[0]["img_s"], 3) if above else 1.0
+    s["speedup_vs_original"] = round(s["img_s"] / above[0]["img_s"], 3) if above else 1.0
     entry.update(status="measured", setting=dataclasses.asdict(rung.setting), **s)
     log(f"{rung.name}: {s['img_s']:.3f} img/s, p50 {s['ms_p50']:.1f} ms, gain {s['gain']:.2f}x")
 
@@ -404,9 +390,9 @@ def print_table(record: dict) -> None:
         mfu = f"{100 * e['mfu']:.1f}%" if e["mfu"] is not None else "-"
         print(f"{e['rung']:<25}{e['img_s']:>9.3f}{e['ms_p50']:>10.1f}{e['ms_p90']:>10.1f}{mem:>7}"
               f"{e['data_wait_pct']:>7.1f}{e['tflops']:>9.3f}{mfu:>7}{e['gain']:>6.2f}x"
-              f"{e['speedup_vs_reference']:>6.2f}x")  # fmt: skip
+              f"{e['speedup_vs_original']:>6.2f}x")  # fmt: skip
     if "fast" in record:
-        print(f"fast vs reference: {record['fast']['speedup']:.2f}x")
+        print(f"fast vs original: {record['fast']['speedup']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> dict:

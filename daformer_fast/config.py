@@ -147,7 +147,6 @@ class UDAConfig:
     fd_classes: tuple[int, ...] | None = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
     """Thing classes whose cells carry the feature distance; None = all cells (ablation)."""
     fd_scale_min_ratio: float = 0.75
-    mix: Literal["class"] = "class"
     blur: bool = True
     color_jitter_strength: float = 0.2
     color_jitter_probability: float = 0.2
@@ -171,7 +170,6 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
-    policy: Literal["poly"] = "poly"
     power: float = 1.0
     min_lr: float = 0.0
     warmup: Literal["linear", "none"] = "linear"
@@ -193,8 +191,9 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     """auto = cuda when available, else cpu; or an explicit torch device string."""
-    path: Literal["fast", "reference"] = "fast"
-    """fast = batched, sync-free step; reference = the original's per-sample order."""
+    path: Literal["fast", "original"] = "fast"
+    """fast = batched, sync-free step; original = the original's order (per-sample loops, three backward passes, host
+    reads, for-loop AdamW) with plain-PyTorch ops throughout (`kernels.impl` is then `reference` whatever it says)."""
     max_nonfinite: int = 20
     """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
 
@@ -281,14 +280,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, list | tuple):

@@ -1,17 +1,17 @@
 """One DAFormer training iteration (recipe §2.2): the mean-teacher self-training step with ClassMix, strong
-augmentation, ImageNet feature distance and rare-class-sampled source batches.
+augmentation, ImageNet feature distance and rare-class-sampled source batches, composed from the `uda/` stages.
 
-    step = UDAStep(cfg, student, optimizer, device=device)
+    student, step, optimizer = build_training(cfg, device)    # daformer_fast.build
     out = step(batch, t)        # dict of 0-dim device tensors: loss_src, loss_fd, loss_mix, pseudo_weight, skipped
 
 Two paths compute the same thing (`train.path`):
 - `fast`: batched stages, no host synchronisation inside the step, the source CE and FD backward fused into one
   (author-endorsed, recipe §8b), ClassMix with colour jitter in one op and the blur in another (`ops.classmix_aug`),
   fused AdamW whose update is skipped on the device when a gradient is non-finite.
-- `reference`: the original's order — per-sample ClassMix and augmentation loops, three separate backward passes,
-  the pseudo-label weight read back to the host, the for-loop AdamW.
+- `original`: the original's order — per-sample ClassMix and augmentation loops, three separate backward passes,
+  the pseudo-label weight read back to the host, the for-loop AdamW — with plain-PyTorch ops throughout.
 `train.precision=bf16` (autocast) and `train.compile` apply to either path (the original is fp32 eager; the
-benchmark ladder adds them to the reference one at a time).
+benchmark ladder adds them to the original one at a time).
 From the same state, seed and batch the two give the same losses and weights (tests/test_train_step.py).
 
 Randomness: every draw of iteration t comes from (seed, rank, t) — a CPU generator for ClassMix and the strong
@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from daformer_fast.config import Config
+from daformer_fast.config import OptimConfig, ScheduleConfig, TrainConfig, UDAConfig
 from daformer_fast.data.pipeline import _norm_stats, normalize
 from daformer_fast.models.mit import DropPath, MixVisionTransformer
 from daformer_fast.models.segmentor import Segmentor, param_groups
+from daformer_fast.ops._dispatch import Impl, using_impl
 from daformer_fast.ops.classmix_aug import gaussian_blur_op, mix_and_jitter
 from daformer_fast.uda.augment import draw_strong_params, strong_transform_reference
 from daformer_fast.uda.classmix import chosen_classes, class_masks_reference, mix
@@ -42,7 +43,7 @@ from daformer_fast.uda.losses import seg_ce_loss
 from daformer_fast.uda.pseudo_label import pseudo_label
 from daformer_fast.uda.schedule import set_lrs
 
-__all__ = ["UDAStep", "build_optimizer", "step_seed"]
+__all__ = ["UDAStep", "build_optimizer", "frozen_copy", "step_seed"]
 
 
 def step_seed(seed: int, rank: int, t: int) -> int:
@@ -50,11 +51,21 @@ def step_seed(seed: int, rank: int, t: int) -> int:
     return int(np.random.SeedSequence([seed, rank, t, 7]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def build_optimizer(cfg: Config, student: Segmentor, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the student only (recipe §1.4: the teacher and ImageNet copies never receive gradients)."""
-    groups = param_groups(student, cfg.optim)
-    opts = {"fused": True} if fused else {"foreach": False}  # reference: torch's per-parameter loop
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, **opts)
+def build_optimizer(optim: OptimConfig, student: Segmentor, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the student only (recipe §1.4: the teacher and ImageNet copies never receive gradients); fused
+    (one kernel per step, on-device skip of non-finite updates) or torch's per-parameter loop as the original."""
+    groups = param_groups(student, optim)
+    opts = {"fused": True} if fused else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **opts)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` that receives no gradients: the EMA teacher of the student, or the ImageNet encoder of the
+    feature distance (a copy of the encoder as initialised, i.e. the ImageNet weights when `model.pretrained` is set)."""
+    copy_ = copy.deepcopy(module)
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    return copy_
 
 
 def _teacher_inference_mode(teacher: nn.Module) -> None:
@@ -70,40 +81,38 @@ class UDAStep:
 
     def __init__(
         self,
-        cfg: Config,
         student: Segmentor,
+        teacher: Segmentor | None,
+        imnet: MixVisionTransformer | None,
         optimizer: torch.optim.Optimizer,
         *,
+        uda: UDAConfig,
+        schedule: ScheduleConfig,
+        train: TrainConfig,
+        num_classes: int,
         device: torch.device,
+        impl: Impl = "auto",
         rank: int = 0,
         student_fwd: Callable | None = None,
     ) -> None:
-        self.cfg, self.uda, self.student, self.optimizer = cfg, cfg.uda, student, optimizer
+        """teacher: the EMA teacher (a frozen copy of the student; None for the supervised baselines); imnet: the
+        frozen ImageNet encoder of the feature distance (None without FD). `student_fwd`: the callable that runs the
+        student (its DDP wrapper; the student itself by default). `impl`: the ops implementation (`kernels.impl`);
+        the original path always runs the plain-PyTorch references. `daformer_fast.build.build_training` makes all of
+        these from a config, compiled when asked."""
+        self.uda, self.schedule, self.student, self.optimizer = uda, schedule, student, optimizer
+        self.seed, self.max_iters, self.num_classes = train.seed, train.max_iters, num_classes
         self.device, self.rank = device, rank
-        self.reference = cfg.train.path == "reference"
-        # The callable that runs the student: DDP and/or torch.compile wrappers of the same module.
+        self.original = train.path == "original"
+        self.impl: Impl = "reference" if self.original else impl
         self.student_fwd = student_fwd or student
         self.no_sync = getattr(student_fwd, "no_sync", contextlib.nullcontext)
-        self.teacher: Segmentor | None = None
-        self.imnet: MixVisionTransformer | None = None
-        if self.uda.mode == "dacs":
-            self.teacher = copy.deepcopy(student)
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-            if self.uda.fd_lambda > 0:
-                # A frozen copy of the encoder as initialised (ImageNet weights when `model.pretrained` is set).
-                self.imnet = copy.deepcopy(student.backbone).eval()
-                for p in self.imnet.parameters():
-                    p.requires_grad_(False)
-        self.teacher_fwd: Callable | None = self.teacher
-        self.imnet_fwd: Callable | None = self.imnet
-        if cfg.train.compile:
-            self.student_fwd = torch.compile(self.student_fwd)
-            self.teacher_fwd = self.teacher and torch.compile(self.teacher)
-            self.imnet_fwd = self.imnet and torch.compile(self.imnet)
+        if (teacher is None) != (uda.mode != "dacs") or (imnet is None) != (uda.mode != "dacs" or uda.fd_lambda == 0):
+            raise ValueError(f"uda.mode={uda.mode}, fd_lambda={uda.fd_lambda} needs "
+                             "a teacher for dacs and an ImageNet encoder for FD, and neither otherwise")  # fmt: skip
+        self.teacher, self.imnet = teacher, imnet
         self.mean, self.std = _norm_stats(device)
-        self.bf16 = cfg.train.precision == "bf16"
-        self.debug: dict[str, torch.Tensor] = {}
+        self.bf16 = train.precision == "bf16"
 
     # ---------------------------------------------------------------------------------------------------------
     # Pieces shared by both paths.
@@ -126,24 +135,24 @@ class UDAStep:
 
     def _begin(self, t: int) -> torch.Generator:
         """LR of iteration t, cleared gradients, reseeded randomness; the step's CPU generator."""
-        seed = step_seed(self.cfg.train.seed, self.rank, t)
+        seed = step_seed(self.seed, self.rank, t)
         torch.manual_seed(seed)  # DropPath / Dropout2d of the student's forward passes
-        set_lrs(self.optimizer, t, self.cfg.schedule, self.cfg.train.max_iters)
+        set_lrs(self.optimizer, t, self.schedule, self.max_iters)
         self.optimizer.zero_grad(set_to_none=True)
         return torch.Generator().manual_seed(seed)
 
     def _feature_distance(self, img: torch.Tensor, feat_student: torch.Tensor, gt: torch.Tensor):
         with torch.no_grad():
-            feat_imnet = self.imnet_fwd(img)[-1]
+            feat_imnet = self.imnet(img)[-1]
         dist, mask = feature_distance(
             feat_student, feat_imnet, gt, self.uda.fd_classes, self.uda.fd_scale_min_ratio,
-            self.cfg.model.num_classes,
+            self.num_classes,
         )  # fmt: skip
         return self.uda.fd_lambda * dist, mask
 
     @torch.no_grad()
     def _pseudo_labels(self, target_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.teacher_fwd(target_img)
+        logits = self.teacher(target_img)
         return pseudo_label(
             logits, tuple(target_img.shape[-2:]), self.uda.pseudo_threshold,
             self.uda.pseudo_weight_ignore_top, self.uda.pseudo_weight_ignore_bottom,
@@ -165,7 +174,7 @@ class UDAStep:
             # the guard costs no host synchronisation (the mechanism torch's GradScaler uses).
             self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
             self.optimizer.step()
-        elif found_inf.item() == 0:  # reference path: a host read, as the original's logging does anyway
+        elif found_inf.item() == 0:  # original path: a host read, as the original's logging does anyway
             self.optimizer.step()
         return found_inf
 
@@ -173,11 +182,14 @@ class UDAStep:
     # The step.
 
     def __call__(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict[str, torch.Tensor]:
-        if self.uda.mode != "dacs":
-            return self.supervised_step(batch, t)
-        if self.reference:
-            return self.dacs_step_reference(batch, t, debug)
-        return self.dacs_step(batch, t, debug)
+        """Iteration t on `batch`. With `debug`, the output also holds "debug": the step's images, labels and masks
+        (the panels of `visualize.save_debug_grids`), for the caller to draw outside the step."""
+        with using_impl(self.impl):
+            if self.uda.mode != "dacs":
+                return self.supervised_step(batch, t)
+            if self.original:
+                return self.dacs_step_original(batch, t, debug)
+            return self.dacs_step(batch, t, debug)
 
     def supervised_step(self, batch: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
         """Source-only / target-only baselines: plain supervised training on the labelled side."""
@@ -216,15 +228,16 @@ class UDAStep:
         loss_mix.backward()
 
         skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
-        if debug:
-            self.debug = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
-                              mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
-        return {
+        out = {
             "loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach(),
             "pseudo_weight": pw.amax(), "skipped": skipped,
         }  # fmt: skip
+        if debug:
+            out["debug"] = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
+                                mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
+        return out
 
-    def dacs_step_reference(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict:
+    def dacs_step_original(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict:
         """The same iteration in the original's order: three backward passes, per-sample loops, host reads."""
         gen = self._begin(t)
         update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
@@ -256,27 +269,11 @@ class UDAStep:
         loss_mix.backward()
 
         skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
-        if debug:
-            self.debug = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=masks,
-                              mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
-        return {
+        out = {
             "loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach(),
             "pseudo_weight": torch.tensor(q), "skipped": skipped,
         }  # fmt: skip
-
-    # ---------------------------------------------------------------------------------------------------------
-    # State for checkpoints (the optimizer is saved by the caller).
-
-    def state_dict(self) -> dict:
-        state = {}
-        if self.teacher is not None:
-            state["teacher"] = self.teacher.state_dict()
-        if self.imnet is not None:
-            state["imnet"] = self.imnet.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.teacher is not None and "teacher" in state:
-            self.teacher.load_state_dict(state["teacher"])
-        if self.imnet is not None and "imnet" in state:
-            self.imnet.load_state_dict(state["imnet"])
+        if debug:
+            out["debug"] = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=masks,
+                                mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
+        return out

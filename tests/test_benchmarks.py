@@ -21,7 +21,7 @@ from daformer_fast.config import parse_config  # noqa: E402
 from daformer_fast.models import build_segmentor  # noqa: E402
 
 ENTRY_KEYS = {"img_s", "ms_p50", "ms_p90", "peak_mem_gib", "data_wait_pct", "warmup_s", "tflops", "mfu", "gain",
-              "speedup_vs_reference", "setting", "status", "rung"}  # fmt: skip
+              "speedup_vs_original", "setting", "status", "rung"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def record(tmp_path_factory):
 
 
 def test_record_schema(record):
-    assert {"reference", "fast", "ladder", "device", "versions", "flops", "setup", "date"} <= set(record)
+    assert {"original", "fast", "ladder", "device", "versions", "flops", "setup", "date"} <= set(record)
     assert {"torch", "triton", "python", "git"} <= set(record["versions"])
     assert record["device"].startswith("cpu")
     assert [e["rung"] for e in record["ladder"]] == [name for name, _ in throughput.LADDER]
@@ -49,7 +49,7 @@ def test_record_schema(record):
     assert status["+bf16"] == "skipped" and status["+compile"] == "skipped" and status["+DALI"] == "skipped"
     assert all(e["reason"] for e in record["ladder"] if e["status"] == "skipped")
     measured = [e for e in record["ladder"] if e["status"] == "measured"]
-    assert [e["rung"] for e in measured] == ["fp32 eager reference", "+sync-free batched step", "+fused kernels"]
+    assert [e["rung"] for e in measured] == ["fp32 eager original", "+sync-free batched step", "+fused kernels"]
     for e in measured:
         assert ENTRY_KEYS <= set(e), ENTRY_KEYS - set(e)
         assert e["img_s"] > 0 and 0 < e["ms_p50"] <= e["ms_p90"] and len(e["ms_all"]) == 2
@@ -58,19 +58,19 @@ def test_record_schema(record):
     assert measured[1]["setting"] == {"path": "fast", "precision": "fp32", "compile": False, "kernels": "reference",
                                       "loader": "torch"}  # fmt: skip
     assert measured[2]["setting"]["kernels"] == "auto" and measured[2]["setting"]["path"] == "fast"
-    assert record["reference"]["rung"] == "fp32 eager reference" and record["fast"]["rung"] == "+fused kernels"
-    assert record["fast"]["speedup"] == pytest.approx(record["fast"]["img_s"] / record["reference"]["img_s"], 1e-2)
+    assert record["original"]["rung"] == "fp32 eager original" and record["fast"]["rung"] == "+fused kernels"
+    assert record["fast"]["speedup"] == pytest.approx(record["fast"]["img_s"] / record["original"]["img_s"], 1e-2)
 
 
 def test_flop_counts_positive_and_consistent(record):
     f = record["flops"]
-    model, ref = f["model_flop_per_iter"], f["reference_flop_per_iter"]
+    model, ref = f["model_flop_per_iter"], f["original_flop_per_iter"]
     assert model > 0 and ref > 0
-    # Same model, same four passes and two backward passes; the reference adds only the second encoder backward
+    # Same model, same four passes and two backward passes; the original path adds only the second encoder backward
     # of the feature distance, a small share of the step.
     assert model <= ref <= 1.25 * model
     # Every counted forward op appears for both paths with the same forward FLOPs.
-    assert f["by_op"]["fast"]["aten.convolution"] == f["by_op"]["reference"]["aten.convolution"]
+    assert f["by_op"]["fast"]["aten.convolution"] == f["by_op"]["original"]["aten.convolution"]
     e = record["fast"]
     assert e["tflops"] == pytest.approx(model / (e["ms_p50"] * 1e-3) / 1e12, rel=1e-3)
 

@@ -271,7 +271,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_iteration(tmp_path, syn)
 @pytest.fixture
 def poison(monkeypatch):
     """Make every loss of the iterations in the returned set NaN (as a diverging run would)."""
-    from daformer_fast.uda import dacs
+    from daformer_fast import step as dacs
 
     bad: set[int] = set()
     current = {"t": -1}

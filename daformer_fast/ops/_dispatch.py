@@ -12,8 +12,10 @@ config's `kernels.impl`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 Impl = Literal["auto", "reference", "triton"]
@@ -35,6 +37,18 @@ def set_default_impl(impl: Impl) -> None:
 
 def default_impl() -> Impl:
     return _default_impl
+
+
+@contextlib.contextmanager
+def using_impl(impl: Impl) -> Iterator[None]:
+    """The process default set to `impl` inside the block, restored after: a training step runs its ops with its
+    own implementation even when two steps with different ones live in one process (the parity tests)."""
+    previous = _default_impl
+    set_default_impl(impl)
+    try:
+        yield
+    finally:
+        set_default_impl(previous)
 
 
 _triton_status: tuple[bool, str] | None = None

@@ -21,8 +21,6 @@ __all__ = ["lr_at", "set_lrs"]
 
 def lr_at(t: int, lr0: float, cfg: ScheduleConfig, max_iters: int) -> float:
     """Learning rate at 0-based iteration t for a group whose initial lr is lr0."""
-    if cfg.policy != "poly":
-        raise ValueError(f"unknown lr policy {cfg.policy!r}; expected 'poly'")
     if cfg.warmup not in ("linear", "none"):
         raise ValueError(f"unknown warmup {cfg.warmup!r}; expected 'linear' or 'none'")
     if max_iters < 1:

@@ -1,0 +1,79 @@
+"""Everything a training run needs from its config, built in one place and one order:
+
+    student, step, optimizer = build_training(cfg, device)
+
+used by the trainer, the benchmarks and the tests alike. The transforms are applied in this order, each for a reason:
+
+1. build the student from `cfg.model`, seeded with `train.seed` (the same initial weights on every rank and after
+   every restart; the ImageNet copy is rebuilt from them, never saved);
+2. load `model.pretrained` (ImageNet encoder weights), or the caller's `initial_state`;
+3. move to the device;
+4. copy the student into the EMA teacher and the frozen ImageNet encoder (`uda.mode: dacs`, `uda.fd_lambda` > 0);
+5. the optimizer over the student: fused AdamW on the fast path (it also skips non-finite updates on the device),
+   torch's per-parameter loop on the original path, as the original;
+6. `train.compile`: each network compiled in place (`nn.Module.compile`), after the copies (a copy of a compiled
+   module would keep calling the original's forward), so the EMA update, checkpoints and DDP see the same modules;
+7. DDP around the student when several processes train, the outermost wrapper;
+8. the step over all of it, in training mode.
+
+The kernel choice (`kernels.impl`) is the ops' process default (`ops._dispatch.set_default_impl`), set here; the
+step runs its ops under its own choice (`train.path: original` always runs the plain-PyTorch references).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from daformer_fast.checkpoint import load_weights
+from daformer_fast.config import Config
+from daformer_fast.models import Segmentor, build_segmentor
+from daformer_fast.ops._dispatch import set_default_impl
+from daformer_fast.step import UDAStep, build_optimizer, frozen_copy
+
+__all__ = ["build_training"]
+
+
+def build_training(
+    cfg: Config,
+    device: torch.device | str,
+    *,
+    rank: int = 0,
+    ddp: bool = False,
+    initial_state: dict[str, torch.Tensor] | None = None,
+    trust: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Segmentor, UDAStep, torch.optim.Optimizer]:
+    """(student, step, optimizer) for `cfg` on `device`, the step in training mode.
+
+    rank: this process's rank (the step's random streams differ by rank). ddp: wrap the student in
+    DistributedDataParallel (a process group must be initialised). initial_state: student weights to start from
+    instead of the seeded initialisation and `model.pretrained`. trust, log: passed to `checkpoint.load_weights`
+    for `model.pretrained`.
+    """
+    device = torch.device(device)
+    set_default_impl(cfg.kernels.impl)
+    torch.manual_seed(cfg.train.seed)
+    student = build_segmentor(cfg.model)  # 1
+    if initial_state is not None:  # 2
+        student.load_state_dict(initial_state)
+    elif cfg.model.pretrained:
+        load_weights(student, cfg.model.pretrained, trust=trust, log=log or (lambda msg: None))
+    student.to(device)  # 3
+    dacs = cfg.uda.mode == "dacs"
+    teacher = frozen_copy(student) if dacs else None  # 4
+    imnet = frozen_copy(student.backbone).eval() if dacs and cfg.uda.fd_lambda > 0 else None
+    optimizer = build_optimizer(cfg.optim, student, fused=cfg.train.path == "fast")  # 5
+    if cfg.train.compile:  # 6
+        for net in (student, teacher, imnet):
+            if net is not None:
+                net.compile()
+    student_fwd = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else None  # 7
+    step = UDAStep(
+        student, teacher, imnet, optimizer, uda=cfg.uda, schedule=cfg.schedule, train=cfg.train,
+        num_classes=cfg.model.num_classes, device=device, impl=cfg.kernels.impl, rank=rank, student_fwd=student_fwd,
+    )  # 8  # fmt: skip
+    step.train()
+    return student, step, optimizer
