@@ -14,14 +14,14 @@ setup(
     # Triton kernels live in the top-level kernels/ folder but import as daformer_fast.kernels: a top-level
     # module named plain `kernels` would collide with an unrelated PyPI package.
     package_dir={"daformer_fast.kernels": "kernels"},
-    # Ranges, not pins: here they resolve to torch 2.14.1 + torchvision 0.29.1 (CUDA build, brings triton 3.8);
-    # a GPU image with torch 2.11 / triton 3.6 satisfies them without installing anything. The floors are the
-    # oldest versions the whole test suite has passed with (torch 2.11 + torchvision 0.26, Python 3.12).
+    # Ranges, not pins: here torch resolves to 2.14.1 (CUDA build, brings triton 3.8); a GPU image with torch 2.11 /
+    # triton 3.6 satisfies them without installing anything. The floors are the oldest versions the whole test suite
+    # has passed with (torch 2.11, Python 3.12). Every entry is imported by the package: safetensors reads HF
+    # `nvidia/mit-b*` weights, tensorboard is torch.utils.tensorboard's backend.
     install_requires=[
         "torch>=2.11",
-        "torchvision>=0.26",
-        "timm>=1.0",
         "numpy>=1.24",
+        "safetensors>=0.4",
         "pyyaml>=6.0",
         "pillow>=10",
         "opencv-python-headless>=4.8",
