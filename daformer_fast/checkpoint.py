@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from daformer_fast.config import config_to_dict
 from daformer_fast.models.mit import MIT_SIZES, MixVisionTransformer, from_hf_mit, from_segformer_mit
@@ -84,10 +85,6 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"cannot read checkpoint {path}: no such file")
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError(f"cannot read checkpoint {path}: the safetensors package is not installed") from None
         try:
             return dict(load_file(str(path), device="cpu"))
         except Exception as e:

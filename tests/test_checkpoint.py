@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from daformer_fast import checkpoint as ckpt
 from daformer_fast.checkpoint import CheckpointError, load_weights, save_checkpoint
@@ -186,12 +187,11 @@ def test_hf_mit_bin(tmp_path, prefix):
 
 
 def test_hf_mit_safetensors_into_segmentor(tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
     enc_state = _random_state(mit("b0"))
     hf = {k: v.contiguous() for k, v in _to_hf(enc_state).items()}
     hf["decode_head.classifier.weight"] = torch.randn(150, 256, 1, 1)  # HF's own head: ignored, not loaded
     path = tmp_path / "model.safetensors"
-    safetensors_torch.save_file(hf, str(path))
+    save_file(hf, str(path))
     seg, lines = _seg(), []
     conv_seg = seg.decode_head.conv_seg.weight.clone()
     report = load_weights(seg, path, log=lines.append)
