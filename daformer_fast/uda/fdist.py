@@ -50,7 +50,10 @@ def downscale_label_ratio(
         raise ValueError(f"scale_factor must be >= 1, got {scale_factor}")
     gt_BHW = gt_BHW.long()
     gt_BHW = torch.where(gt_BHW == ignore_index, n_classes, gt_BHW)
-    onehot_BKHW = F.one_hot(gt_BHW, num_classes=n_classes + 1).permute(0, 3, 1, 2).float()
+    # One-hot by comparison with the class ids, not F.one_hot: that validates the label range by reading its
+    # min/max back to the host, a sync per step.
+    classes_K = torch.arange(n_classes + 1, device=gt_BHW.device).view(1, -1, 1, 1)
+    onehot_BKHW = (gt_BHW.unsqueeze(1) == classes_K).float()
     # Exact class shares per cell: sums of 0/1 values divided by the cell area.
     ratio_BKhw = F.avg_pool2d(onehot_BKHW, kernel_size=scale_factor, stride=scale_factor)
     ratio_Bhw, label_Bhw = ratio_BKhw.max(dim=1)
