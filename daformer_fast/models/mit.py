@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 
 from daformer_fast.ops import attention
-from daformer_fast.ops._dispatch import Impl
 from daformer_fast.ops.mixffn import dwconv_gelu
 
 __all__ = ["MIT_SIZES", "MixVisionTransformer", "MitSpec", "from_hf_mit", "from_segformer_mit", "mit"]
@@ -82,11 +81,10 @@ class OverlapPatchEmbed(nn.Module):
 class EfficientSelfAttention(nn.Module):
     """Multi-head attention whose keys/values come from a R×R strided-conv reduction of the tokens."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, impl: Impl | None = None) -> None:
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.impl = impl
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -106,7 +104,7 @@ class EfficientSelfAttention(nn.Module):
             kv_in_BLC = x_BNC
         # kv output is [k | v] along channels, each split into heads.
         kv = self.kv(kv_in_BLC).reshape(B, -1, 2, M, D).permute(2, 0, 3, 1, 4)
-        out_BMND = attention(q_BMND, kv[0], kv[1], self.scale, impl=self.impl)
+        out_BMND = attention(q_BMND, kv[0], kv[1], self.scale)
         return self.proj(out_BMND.transpose(1, 2).reshape(B, N, C))
 
 
@@ -122,9 +120,8 @@ class DWConv(nn.Module):
 class MixFFN(nn.Module):
     """fc1 → depthwise 3×3 conv on the token grid → exact GELU → fc2."""
 
-    def __init__(self, dim: int, hidden: int, impl: Impl | None = None) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.impl = impl
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = DWConv(hidden)  # holds the conv parameters under the original state-dict names
         self.fc2 = nn.Linear(hidden, dim)
@@ -132,18 +129,18 @@ class MixFFN(nn.Module):
     def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
         conv = self.dwconv.dwconv
         # One op through the dispatch point: its reference path is the original's conv followed by exact GELU.
-        return self.fc2(dwconv_gelu(self.fc1(x_BNC), conv.weight, conv.bias, h, w, impl=self.impl))
+        return self.fc2(dwconv_gelu(self.fc1(x_BNC), conv.weight, conv.bias, h, w))
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, sr_ratio: int, drop_path: float, impl: Impl | None):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, sr_ratio: int, drop_path: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio, impl)
+        self.attn = EfficientSelfAttention(dim, num_heads, sr_ratio)
         # Rate 0 (the very first block) is an identity, as in the original.
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = MixFFN(dim, dim * mlp_ratio, impl)
+        self.mlp = MixFFN(dim, dim * mlp_ratio)
 
     def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
         x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), h, w))
@@ -153,7 +150,7 @@ class Block(nn.Module):
 class MixVisionTransformer(nn.Module):
     """Four stages of (overlapping patch embed → blocks → LayerNorm); `forward` returns the 4 NCHW stage maps."""
 
-    def __init__(self, spec: MitSpec, in_chans: int = 3, drop_path_rate: float = 0.1, impl: Impl | None = None):
+    def __init__(self, spec: MitSpec, in_chans: int = 3, drop_path_rate: float = 0.1):
         super().__init__()
         self.spec = spec
         self.embed_dims = spec.embed_dims
@@ -165,7 +162,7 @@ class MixVisionTransformer(nn.Module):
             prev = in_chans if i == 0 else spec.embed_dims[i - 1]
             setattr(self, f"patch_embed{i + 1}", OverlapPatchEmbed(prev, dim, kernel, stride))
             blocks = [
-                Block(dim, spec.num_heads[i], spec.mlp_ratio, spec.sr_ratios[i], rates[cur + j], impl)
+                Block(dim, spec.num_heads[i], spec.mlp_ratio, spec.sr_ratios[i], rates[cur + j])
                 for j in range(spec.depths[i])
             ]
             setattr(self, f"block{i + 1}", nn.ModuleList(blocks))
@@ -202,12 +199,12 @@ class MixVisionTransformer(nn.Module):
         return outs
 
 
-def mit(size: str, *, drop_path_rate: float = 0.1, impl: Impl | None = None) -> MixVisionTransformer:
+def mit(size: str, *, drop_path_rate: float = 0.1) -> MixVisionTransformer:
     """MiT encoder of the given size: "b0".."b5" (or "mit_b0".."mit_b5")."""
     key = size.removeprefix("mit_")
     if key not in MIT_SIZES:
         raise ValueError(f"unknown MiT size {size!r}; expected one of {', '.join('mit_' + k for k in MIT_SIZES)}")
-    return MixVisionTransformer(MIT_SIZES[key], drop_path_rate=drop_path_rate, impl=impl)
+    return MixVisionTransformer(MIT_SIZES[key], drop_path_rate=drop_path_rate)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from daformer_fast.config import ModelConfig, OptimConfig
 from daformer_fast.models.heads import DAFormerHead, SegFormerHead
 from daformer_fast.models.mit import MixVisionTransformer, mit
-from daformer_fast.ops._dispatch import Impl
 
 __all__ = ["Segmentor", "build_segmentor", "from_daformer", "from_daformer_fast", "param_groups"]
 
@@ -45,9 +44,9 @@ class Segmentor(nn.Module):
         return logits
 
 
-def build_segmentor(cfg: ModelConfig, impl: Impl | None = None) -> Segmentor:
+def build_segmentor(cfg: ModelConfig) -> Segmentor:
     """MiT encoder + the configured decoder, randomly initialised (pretrained weights: `checkpoint.load_weights`)."""
-    backbone = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate, impl=impl)
+    backbone = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
     dims = backbone.embed_dims
     match cfg.decoder:
         case "daformer_sepaspp" | "daformer_aspp" | "daformer_conv1":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from daformer_fast.models.mit import mit
 from daformer_fast.ops import _dispatch
+from daformer_fast.ops._dispatch import using_impl
 from daformer_fast.ops.attention import TOLERANCES, attention, attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,11 +147,14 @@ def test_compile_public_op_fullgraph(ops_log):
 
 def test_mit_with_triton_attention_matches_reference():
     torch.manual_seed(0)
-    ref = mit("b0", drop_path_rate=0.0, impl="reference").to(DEVICE)
-    fast = mit("b0", drop_path_rate=0.0, impl="triton").to(DEVICE)
+    ref = mit("b0", drop_path_rate=0.0).to(DEVICE)
+    fast = mit("b0", drop_path_rate=0.0).to(DEVICE)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 3, 64, 48, device=DEVICE)
-    outs = [m(x) for m in (ref, fast)]
+    outs = []
+    for m, impl in ((ref, "reference"), (fast, "triton")):  # the model's ops follow the process default
+        with using_impl(impl):
+            outs.append(m(x))
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
     for out in outs:

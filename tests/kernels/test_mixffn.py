@@ -11,6 +11,7 @@ import torch
 
 from daformer_fast.models.mit import MixFFN
 from daformer_fast.ops import _dispatch
+from daformer_fast.ops._dispatch import using_impl
 from daformer_fast.ops.mixffn import TOLERANCES, _triton_unsupported, dwconv_gelu, dwconv_gelu_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,7 +81,7 @@ def test_partial_sums_over_several_token_chunks(monkeypatch):
 
 def test_reference_equals_original_module_path():
     # MixFFN now calls the op; its reference path must give the same values as the original nn.Conv2d + nn.GELU.
-    mlp = MixFFN(8, 32, impl="reference").to(DEVICE)
+    mlp = MixFFN(8, 32).to(DEVICE)
     x = torch.randn(2, 6 * 5, 32, device=DEVICE)
     conv = mlp.dwconv.dwconv
     original = torch.nn.GELU()(conv(x.transpose(1, 2).reshape(2, 32, 6, 5)).flatten(2).transpose(1, 2))
@@ -88,11 +89,14 @@ def test_reference_equals_original_module_path():
 
 
 def test_mixffn_module_triton_matches_reference():
-    ref = MixFFN(8, 32, impl="reference").to(DEVICE)
-    fast = MixFFN(8, 32, impl="triton").to(DEVICE)
+    ref = MixFFN(8, 32).to(DEVICE)
+    fast = MixFFN(8, 32).to(DEVICE)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(1, 7 * 9, 8, device=DEVICE)
-    out = [m(x, 7, 9) for m in (ref, fast)]
+    out = []
+    for m, impl in ((ref, "reference"), (fast, "triton")):  # the modules' ops follow the process default
+        with using_impl(impl):
+            out.append(m(x, 7, 9))
     torch.testing.assert_close(out[1], out[0], atol=1e-5, rtol=1e-5)
     for o in out:
         o.square().sum().backward()
