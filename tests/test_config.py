@@ -1,9 +1,13 @@
 """Config schema: defaults = the paper's final GTA→Cityscapes setting; strict loading; round trip."""
 
+import ast
+import dataclasses
+import inspect
 from pathlib import Path
 
 import pytest
 
+import daformer_fast.config as config_module
 from daformer_fast.config import Config, ConfigError, load_config, parse_config, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -128,3 +132,47 @@ def test_save_load_round_trip(tmp_path):
     save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def _undocumented_fields(source: str) -> dict[str, list[str]]:
+    """Per dataclass of `source`: its fields (annotated assignments in the class body) with no string statement
+    right after them, i.e. no attribute docstring."""
+    out = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        decorators = [d.func if isinstance(d, ast.Call) else d for d in node.decorator_list]
+        if not any(isinstance(d, ast.Name) and d.id == "dataclass" for d in decorators):
+            continue
+        missing = []
+        for stmt, nxt in zip(node.body, node.body[1:] + [None]):
+            if isinstance(stmt, ast.AnnAssign):
+                is_str = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                if not (is_str and isinstance(nxt.value.value, str)):
+                    missing.append(stmt.target.id)
+        out[node.name] = missing
+    return out
+
+
+def test_undocumented_field_detection():
+    src = (
+        "from dataclasses import dataclass\n"
+        "@dataclass(frozen=True)\nclass A:\n    x: int = 1\n    \"\"\"Doc.\"\"\"\n    y: int = 2\n    z: int = 3\n"
+        "@dataclass\nclass B:\n    w: int = 0\n    v: int = 1\n    \"\"\"Doc.\"\"\"\n"
+        "class C:\n    u: int = 0\n"
+    )
+    assert _undocumented_fields(src) == {"A": ["y", "z"], "B": ["w"]}
+
+
+def test_every_config_field_has_a_docstring():
+    found = _undocumented_fields(inspect.getsource(config_module))
+    sections = {"ModelConfig", "DatasetConfig", "RCSConfig", "DataConfig", "UDAConfig", "OptimConfig",
+                "ScheduleConfig", "TrainConfig", "KernelConfig", "Config"}  # fmt: skip
+    assert set(found) == sections
+    # Every dataclass field is one of the annotated assignments checked above.
+    for name in sections:
+        fields = [f.name for f in dataclasses.fields(getattr(config_module, name))]
+        body = [s.target.id for s in ast.parse(inspect.getsource(getattr(config_module, name))).body[0].body
+                if isinstance(s, ast.AnnAssign)]  # fmt: skip
+        assert body == fields, name
+    assert {k: v for k, v in found.items() if v} == {}
