@@ -19,7 +19,7 @@ freed in between, so peak memory is per rung; `interleaved` (default on CPU) tim
 so that load from other processes on a shared host falls on all rungs alike (peak memory then is not reported).
 Batches are synthetic uint8 tensors in host memory (pinned on CUDA) unless `--real-data`, which goes through the
 training loaders: the config's datasets when their folders exist, else a small synthetic benchmark
-(`daformer_fast.tools.make_synthetic`) generated in a temporary folder. Data wait is the host time spent waiting
+(`daformer_fast.data.synthetic`) generated in a temporary folder. Data wait is the host time spent waiting
 for the next batch, as a share of the timed wall time.
 
 FLOPs: one eager fp32 step of each path is counted from the model (benchmarks/step_flops.py says what is counted).
@@ -126,7 +126,7 @@ def _real_data_config(cfg: Config, tmp: Path) -> Config:
     if Path(cfg.data.source.root).is_dir() and Path(cfg.data.target.root).is_dir():
         return cfg
     from daformer_fast.data.rcs import suggest_min_pixels
-    from daformer_fast.tools.make_synthetic import make_synthetic
+    from daformer_fast.data.synthetic import make_synthetic
 
     h, w = cfg.data.crop
     size = (2 * w, h)

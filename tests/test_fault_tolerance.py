@@ -25,7 +25,7 @@ from PIL import Image
 
 from daformer_fast.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from daformer_fast.run_state import save_run_state
-from daformer_fast.tools.make_synthetic import make_synthetic
+from daformer_fast.data.synthetic import make_synthetic
 from daformer_fast.train import main
 from tiny_run import write_config
 

@@ -12,7 +12,7 @@ import torch
 
 from daformer_fast.checkpoint import read_checkpoint
 from daformer_fast.config import load_config
-from daformer_fast.tools.make_synthetic import make_synthetic
+from daformer_fast.data.synthetic import make_synthetic
 from daformer_fast.train import main
 from tiny_run import write_config
 
