@@ -41,7 +41,6 @@ import triton.language as tl
 __all__ = ["attention_fwd", "attention_bwd", "attention_triton", "INTERPRETED"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
