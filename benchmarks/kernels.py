@@ -176,7 +176,7 @@ def _classmix_spec() -> Spec:
 
 
 def _blur_case(b: int, h: int, w: int, tag: str) -> Case:
-    from daformer_fast.uda.augment import blur_kernel_size
+    from daformer_fast.ops.augment import blur_kernel_size
 
     def inputs(device, dtype):
         g = torch.Generator().manual_seed(0)
@@ -192,12 +192,12 @@ def _blur_case(b: int, h: int, w: int, tag: str) -> Case:
 def _blur_spec() -> Spec:
     from functools import partial
 
-    from daformer_fast.ops.classmix_aug import gaussian_blur_op, gaussian_blur_ref
+    from daformer_fast.ops.classmix_aug import gaussian_blur, gaussian_blur_ref
 
     def cases(backbone: str, crop: int, batch: int) -> list[Case]:
         return [_blur_case(batch, crop, crop, "mixed-batch")]
 
-    triton = partial(gaussian_blur_op, impl="triton")
+    triton = partial(gaussian_blur, impl="triton")
     return Spec(gaussian_blur_ref, triton, None, cases, _blur_case(2, 25, 45, "smoke"), differentiable=False)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from daformer_fast.config import Config
-from daformer_fast.ops._dispatch import default_impl, set_default_impl
+from daformer_fast.ops.dispatch import default_impl, set_default_impl
 from daformer_fast.build import build_training
 
 __all__ = ["conv_flops", "count_step_flops", "flop_counter"]

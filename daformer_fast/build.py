@@ -16,7 +16,7 @@ used by the trainer, the benchmarks and the tests alike. The transforms are appl
 7. DDP around the student when several processes train, the outermost wrapper;
 8. the step over all of it, in training mode.
 
-The kernel choice (`kernels.impl`) is the ops' process default (`ops._dispatch.set_default_impl`), set here; the
+The kernel choice (`kernels.impl`) is the ops' process default (`ops.dispatch.set_default_impl`), set here; the
 step runs its ops under its own choice (`train.path: original` always runs the plain-PyTorch references).
 """
 
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from daformer_fast.checkpoint import load_weights
 from daformer_fast.config import Config
 from daformer_fast.models import Segmentor, build_segmentor
-from daformer_fast.ops._dispatch import set_default_impl
+from daformer_fast.ops.dispatch import set_default_impl
 from daformer_fast.step import UDAStep, build_optimizer, frozen_copy
 
 __all__ = ["build_training"]

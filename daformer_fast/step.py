@@ -33,10 +33,10 @@ from daformer_fast.config import OptimConfig, ScheduleConfig, TrainConfig, UDACo
 from daformer_fast.data.pipeline import _norm_stats, normalize
 from daformer_fast.models.mit import DropPath, MixVisionTransformer
 from daformer_fast.models.segmentor import Segmentor, param_groups
-from daformer_fast.ops._dispatch import Impl, using_impl
-from daformer_fast.ops.classmix_aug import gaussian_blur_op, mix_and_jitter
-from daformer_fast.uda.augment import draw_strong_params, strong_transform_reference
-from daformer_fast.uda.classmix import chosen_classes, class_masks_reference, mix
+from daformer_fast.ops.classmix_aug import gaussian_blur, mix, mix_and_jitter
+from daformer_fast.ops.dispatch import Impl, using_impl
+from daformer_fast.uda.augment import draw_strong_params, strong_transform_original
+from daformer_fast.uda.classmix import chosen_classes, class_masks_original
 from daformer_fast.uda.ema import update_ema
 from daformer_fast.uda.fdist import feature_distance
 from daformer_fast.uda.losses import seg_ce_loss
@@ -222,7 +222,7 @@ class UDAStep:
         jitter = aug.jitter_params if aug.jitter else None
         mixed_img, mixed_lbl, mixed_w, mask = mix_and_jitter(img, tgt, gt, pl, pw, chosen, jitter, self.mean, self.std)
         if aug.blur:
-            mixed_img = gaussian_blur_op(mixed_img, aug.sigma_B)
+            mixed_img = gaussian_blur(mixed_img, aug.sigma_B)
         with self._autocast():
             loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
         loss_mix.backward()
@@ -258,9 +258,9 @@ class UDAStep:
         with self._autocast():
             pl, pw = self._pseudo_labels(tgt)
         q = pw.amax().item()  # the original reads the confident fraction back as a Python float
-        masks = class_masks_reference(gt, gen)
+        masks = class_masks_original(gt, gen)
         mixed = [mix(masks[i : i + 1], img[i : i + 1], tgt[i : i + 1]) for i in range(img.shape[0])]
-        mixed_img = strong_transform_reference(torch.cat(mixed), self.mean, self.std, gen, self.uda)
+        mixed_img = strong_transform_original(torch.cat(mixed), self.mean, self.std, gen, self.uda)
         mixed_lbl = torch.cat([mix(masks[i : i + 1], gt[i : i + 1], pl[i : i + 1]) for i in range(img.shape[0])])
         mixed_w = torch.cat([mix(masks[i : i + 1], torch.ones_like(pw[i : i + 1]), pw[i : i + 1])
                              for i in range(img.shape[0])])  # fmt: skip

@@ -1,5 +1,5 @@
 """Triton kernels, importable as `daformer_fast.kernels` (this folder is mapped there by setup.py).
 
-Nothing here is imported by the package at import time: `daformer_fast.ops` imports a kernel module only after the
-dispatch point (`daformer_fast.ops._dispatch.choose_impl`) has chosen the Triton path.
+Nothing here is imported by the package at import time: `daformer_fast.ops.dispatch` imports a kernel module (named
+in the op table, `daformer_fast/ops/table.py`) only once it has chosen the Triton path.
 """

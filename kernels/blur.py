@@ -1,7 +1,7 @@
 """Per-sample separable Gaussian blur with reflect borders (DAFormer recipe §2.5 step 3), two passes.
 
-Every image of the batch has its own σ (same in y and x); the taps are `uda.augment.gaussian_kernel1d` rows, one
-per sample, ky = kx = 51 at 512² (largest odd ≤ ceil(0.1·size)). The reference (`uda.augment.gaussian_blur`)
+Every image of the batch has its own σ (same in y and x); the taps are `ops.augment.gaussian_kernel1d` rows, one
+per sample, ky = kx = 51 at 512² (largest odd ≤ ceil(0.1·size)). The reference (`ops.classmix_aug.gaussian_blur_ref`)
 materialises a reflect-padded copy and runs two grouped convolutions over it. Here the padding is an index
 mapping (i < 0 → −i, i > n−1 → 2(n−1) − i, valid while the half-width is below the size, as F.pad requires):
 - pass 1 (vertical): tmp[b, c, y, x] = Σ_j wy[b, j]·img[b, c, reflect(y + j − ky//2), x], fp32, in y-then-x order
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["gaussian_blur_pass", "gaussian_blur_triton"]
+__all__ = ["gaussian_blur_triton"]
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _blur_pass_kernel(
 _BLOCK_H, _BLOCK_W, _NUM_WARPS = 16, 64, 4
 
 
-def gaussian_blur_pass(x_BCHW: torch.Tensor, taps_BK: torch.Tensor, vertical: bool, out_dtype: torch.dtype):
+def _blur_pass(x_BCHW: torch.Tensor, taps_BK: torch.Tensor, vertical: bool, out_dtype: torch.dtype):
     """One direction of the blur: Σ_j taps[b, j]·x shifted by j − K//2 along y (vertical) or x, reflect borders."""
     B, C, H, W = x_BCHW.shape
     K = taps_BK.shape[1]
@@ -82,8 +82,9 @@ def gaussian_blur_pass(x_BCHW: torch.Tensor, taps_BK: torch.Tensor, vertical: bo
     return y
 
 
+# No autograd wrapper: no gradient flows through data.
 @torch.library.custom_op("daformer_fast::gaussian_blur", mutates_args=())
-def gaussian_blur(img: torch.Tensor, taps_y: torch.Tensor, taps_x: torch.Tensor) -> torch.Tensor:
+def gaussian_blur_triton(img: torch.Tensor, taps_y: torch.Tensor, taps_x: torch.Tensor) -> torch.Tensor:
     """Separable blur of (B, C, H, W) with per-sample taps (B, ky) along y and (B, kx) along x; odd ky, kx."""
     if img.ndim != 4:
         raise ValueError(f"img must be (B, C, H, W); got {tuple(img.shape)}")
@@ -93,14 +94,10 @@ def gaussian_blur(img: torch.Tensor, taps_y: torch.Tensor, taps_x: torch.Tensor)
             raise ValueError(
                 f"{name} must be ({B}, odd K) with K // 2 < {n} (reflect padding); got {tuple(taps.shape)}"
             )
-    tmp = gaussian_blur_pass(img, taps_y, vertical=True, out_dtype=torch.float32)  # fp32 between the passes
-    return gaussian_blur_pass(tmp, taps_x, vertical=False, out_dtype=img.dtype)
+    tmp = _blur_pass(img, taps_y, vertical=True, out_dtype=torch.float32)  # fp32 between the passes
+    return _blur_pass(tmp, taps_x, vertical=False, out_dtype=img.dtype)
 
 
-@gaussian_blur.register_fake
+@gaussian_blur_triton.register_fake
 def _(img, taps_y, taps_x):
     return torch.empty_like(img, memory_format=torch.contiguous_format)
-
-
-# What ops/ imports: the op itself, as no gradient flows through data (no autograd wrapper needed).
-gaussian_blur_triton = gaussian_blur

@@ -5,13 +5,13 @@ m = chosen[i, gt[i, p]], and writes
 - the mixed image: source where m else target (both normalised); when jitter is on, de-normalised to [0, 1], the
   four kornia-0.5.8 ops applied in sample i's order with its factors, re-normalised;
 - the mixed label gt where m else the pseudo-label, the mixed weight 1 where m else the pseudo weight, and m.
-The unfused composition (`ops.classmix_aug.mix_and_jitter_ref`) writes the mask, the mixed image, a [0, 1] copy,
+The reference (`ops.classmix_aug.mix_and_jitter_ref`) writes the mask, the mixed image, a [0, 1] copy,
 dozens of temporaries in every jitter step (each of the four evaluates both the affine branch and an HSV round trip
 for the whole batch and selects per sample) and the re-normalised image: kilobytes of traffic per pixel against
 the few dozen bytes the result needs. Here every pixel is read once and written once, and each step runs
 only its own op: one runtime branch per (program, step) on the per-sample op index.
 
-The kornia ops, as `uda/augment.py` defines them: brightness adds b − 1, contrast multiplies by c (no mean), both
+The kornia ops, as `ops/augment.py` defines them: brightness adds b − 1, contrast multiplies by c (no mean), both
 clamp to [0, 1]; saturation (S·s clamped) and hue (fmod(H + 2π·h, 2π)) go through RGB→HSV (S = Δ/(V + 1e-6), H in
 [0, 2π) from the first channel holding the max) and back with the sector formula, which wraps any H with floor-mod.
 Triton's float `%` is C's fmod (truncation) while torch's is a floor-mod, so both mods are written out: exact,
@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["classmix_jitter", "classmix_jitter_triton"]
+__all__ = ["classmix_jitter_triton"]
 
 _TWO_PI = tl.constexpr(6.283185307179586)  # rounded to fp32 where used, like torch's Python-float scalars
 
@@ -181,8 +181,9 @@ def _check(img, tgt, gt, pl, pw, chosen, factors, order, mean, std) -> None:
         raise ValueError(f"mean and std need 3 values; got {mean.numel()}, {std.numel()}")
 
 
+# No autograd wrapper: no gradient flows through data.
 @torch.library.custom_op("daformer_fast::classmix_jitter", mutates_args=())
-def classmix_jitter(
+def classmix_jitter_triton(
     img: torch.Tensor,
     tgt: torch.Tensor,
     gt: torch.Tensor,
@@ -215,12 +216,8 @@ def classmix_jitter(
     return out_img, out_lbl, out_w, out_mask
 
 
-@classmix_jitter.register_fake
+@classmix_jitter_triton.register_fake
 def _(img, tgt, gt, pl, pw, chosen, factors, order, mean, std):
     B, _, H, W = img.shape
     return (img.new_empty(B, 3, H, W), gt.new_empty(B, H, W, dtype=torch.result_type(gt, pl)),
             pw.new_empty(B, H, W), img.new_empty(B, 1, H, W, dtype=torch.bool))  # fmt: skip
-
-
-# What ops/ imports: the op itself, as no gradient flows through data (no autograd wrapper needed).
-classmix_jitter_triton = classmix_jitter

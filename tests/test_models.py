@@ -11,7 +11,7 @@ from daformer_fast.config import ModelConfig, OptimConfig
 from daformer_fast.models import MIT_SIZES, build_segmentor, mit, param_groups
 from daformer_fast.models.mit import DropPath, MixFFN, _feature_shapes, from_segformer_mit
 from daformer_fast.ops import attention, attention_ref
-from daformer_fast.ops._dispatch import using_impl
+from daformer_fast.ops.dispatch import using_impl
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
-"""Dispatch point: forced paths, the environment kill switch, rejection reasons; package layout of kernels/."""
+"""Dispatch point: the op table, forced paths, the environment kill switch, rejection reasons; package layout of
+kernels/."""
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -9,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from daformer_fast.ops import _dispatch, attention
-from daformer_fast.ops._dispatch import choose_impl, set_default_impl
+from daformer_fast import utils
+from daformer_fast.ops import attention, dispatch, using_impl
+from daformer_fast.ops.dispatch import choose_impl, kernel_reasons, set_default_impl
+from daformer_fast.ops.table import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,11 +24,9 @@ def ops_log(caplog, monkeypatch):
     """caplog at INFO for the dispatch logger; the trainer turns off the package logger's propagation to the root
     (where caplog listens) for its own handlers, so a training run earlier in the process would hide the records."""
     monkeypatch.setattr(logging.getLogger("daformer_fast"), "propagate", True)
+    monkeypatch.setattr(utils, "_logged", set())  # every decision is logged once per process: start afresh
     caplog.set_level(logging.INFO, logger="daformer_fast.ops")
     return caplog
-
-
-attention_module = sys.modules["daformer_fast.ops.attention"]  # the package re-exports a function of the same name
 
 
 def test_forced_reference_and_rejection_reasons():
@@ -37,11 +39,11 @@ def test_forced_reference_and_rejection_reasons():
 
 
 def test_auto_uses_triton_only_when_available(monkeypatch):
-    monkeypatch.setattr(_dispatch, "triton_available", lambda: (False, "DAFORMER_FAST_KERNELS=0"))
+    monkeypatch.setattr(dispatch, "triton_available", lambda: (False, "DAFORMER_FAST_KERNELS=0"))
     assert choose_impl("demo_op2", "auto") == "reference"
     with pytest.raises(ValueError, match="DAFORMER_FAST_KERNELS=0"):
         choose_impl("demo_op2", "triton")
-    monkeypatch.setattr(_dispatch, "triton_available", lambda: (True, ""))
+    monkeypatch.setattr(dispatch, "triton_available", lambda: (True, ""))
     assert choose_impl("demo_op2", "auto") == "triton"
 
 
@@ -62,16 +64,34 @@ def test_dispatch_under_compile_logs_without_graph_break(ops_log):
     # about a missing CUDA runtime).
     ours = [r.getMessage() for r in ops_log.records if r.name.startswith("daformer_fast")]
     assert ours == ["demo_compiled: using reference (not on CUDA)"]
-    # The dispatcher sets Dynamo's constant-result marker by hand (see _dispatch._log_once); it must stay torch's.
+    # The dispatcher's logging and kernel import carry Dynamo's constant-result marker, set by hand (see
+    # utils.log_once); it must stay torch's.
     marked = torch.compiler.assume_constant_result(lambda: None)
-    assert list(vars(marked)) == ["_dynamo_marked_constant"] and _dispatch._log_once._dynamo_marked_constant
+    assert list(vars(marked)) == ["_dynamo_marked_constant"] and utils.log_once._dynamo_marked_constant
+    assert dispatch._log._dynamo_marked_constant and dispatch._import_kernel._dynamo_marked_constant
+
+
+def test_forced_reference_goes_through_the_table_and_is_logged_once(ops_log):
+    q = torch.randn(1, 1, 4, 8)
+    attention(q, q, q, 1.0, impl="reference")
+    with using_impl("reference"):
+        attention(q, q, q, 1.0)
+    msgs = [r.getMessage() for r in ops_log.records if r.getMessage().startswith("attention:")]
+    assert msgs == ["attention: using reference (forced)"]
+
+
+def test_using_impl_restores_the_default():
+    with pytest.raises(RuntimeError), using_impl("reference"):
+        assert dispatch.default_impl() == "reference"
+        raise RuntimeError
+    assert dispatch.default_impl() == "auto"
 
 
 def test_attention_rejection_reasons_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, q16 = torch.randn(1, 1, 4, 32), torch.randn(1, 1, 4, 16, dtype=torch.float64)
-    assert attention_module._triton_unsupported(q, q, q) == ["tensor not on CUDA"]
-    assert attention_module._triton_unsupported(q16, q16, q16) == [
+    assert kernel_reasons("attention", "triton", q, q, q, 1.0) == ["tensor not on CUDA"]
+    assert kernel_reasons("attention", "triton", q16, q16, q16, 1.0) == [
         "tensor not on CUDA",
         "dtypes torch.float64, torch.float64, torch.float64 (need one of fp32/bf16/fp16)",
         "head dim 16 (need 32, 64 or 128)",
@@ -80,7 +100,7 @@ def test_attention_rejection_reasons_without_interpreter(monkeypatch):
 
 def test_env_switch_disables_kernels():
     code = (
-        "from daformer_fast.ops._dispatch import triton_available, choose_impl; "
+        "from daformer_fast.ops.dispatch import triton_available, choose_impl; "
         "print(triton_available()[1], choose_impl('x', 'auto'))"
     )
     env = dict(os.environ, DAFORMER_FAST_KERNELS="0")
@@ -90,8 +110,8 @@ def test_env_switch_disables_kernels():
 
 def test_default_impl_from_config_routes_attention(monkeypatch):
     calls = []
-    module = sys.modules["daformer_fast.ops.attention"]  # the package re-exports a function of the same name
-    monkeypatch.setattr(module, "attention_ref", lambda *a: calls.append(1) or a[0])
+    counting = dataclasses.replace(OPS["attention"], reference=lambda *a: calls.append(1) or a[0])
+    monkeypatch.setitem(OPS, "attention", counting)
     q = torch.randn(1, 1, 4, 8)
     try:
         set_default_impl("reference")

@@ -1,4 +1,5 @@
-"""CPU tests of the UDA stage functions (daformer_fast/uda/) against hand-computed values and kornia 0.5.8.
+"""CPU tests of the UDA stages (daformer_fast/uda/, and the ClassMix and augmentation ops of daformer_fast/ops/ the
+fast step runs) against hand-computed values, kornia 0.5.8 and the original's per-sample order.
 
 kornia 0.5.8 (the version DAFormer pins) is a test oracle only; its tests are skipped where it is not installed.
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daformer_fast.config import ScheduleConfig, UDAConfig
-from daformer_fast.uda.augment import (
+from daformer_fast.ops.augment import (
     JitterParams,
     adjust_brightness,
     adjust_contrast,
@@ -22,17 +23,18 @@ from daformer_fast.uda.augment import (
     adjust_saturation,
     blur_kernel_size,
     color_jitter,
-    color_jitter_reference,
-    draw_strong_params,
-    gaussian_blur,
-    gaussian_blur_reference,
     gaussian_kernel1d,
     hsv_to_rgb,
     rgb_to_hsv,
-    strong_transform,
-    strong_transform_reference,
 )
-from daformer_fast.uda.classmix import class_masks, class_masks_reference, mix
+from daformer_fast.ops.classmix_aug import gaussian_blur, gaussian_blur_ref, masks_from_chosen, mix, mix_and_jitter
+from daformer_fast.uda.augment import (
+    color_jitter_original,
+    draw_strong_params,
+    gaussian_blur_original,
+    strong_transform_original,
+)
+from daformer_fast.uda.classmix import chosen_classes, class_masks_original
 from daformer_fast.uda.ema import ema_weight, update_ema
 from daformer_fast.uda.fdist import downscale_label_ratio, feature_distance
 from daformer_fast.uda.losses import acc_seg, seg_ce_loss
@@ -210,6 +212,11 @@ def test_pseudo_label_upsamples_before_softmax():
 # ClassMix (recipe §2.4)
 
 
+def class_masks(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The fast step's ClassMix masks: the batched class choice looked up at every pixel."""
+    return masks_from_chosen(labels, chosen_classes(labels, generator))
+
+
 def _chosen_sets(labels, mask):
     """Per sample: the set of its classes that are pasted; asserts every class is pasted whole or not at all."""
     out = []
@@ -260,12 +267,12 @@ def test_classmix_odd_count_rounds_up():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_classmix_reference_equals_batched(seed):
+def test_classmix_original_equals_batched(seed):
     g = _gen(100 + seed)
     labels = torch.randint(0, 19, (4, 8, 8), generator=g)
     labels[labels > 15] = 255
     labels[2] = 7  # a sample with a single class
-    assert torch.equal(class_masks(labels, _gen(seed)), class_masks_reference(labels, _gen(seed)))
+    assert torch.equal(class_masks(labels, _gen(seed)), class_masks_original(labels, _gen(seed)))
 
 
 def test_mix_images_labels_weights():
@@ -346,9 +353,9 @@ def test_color_jitter_vs_kornia_colorjitter():
     assert not torch.allclose(color_jitter(x, p._replace(order_B4=p.order_B4.flip(1))), expected, atol=1e-3)
 
 
-def test_color_jitter_reference_equals_batched():
+def test_color_jitter_original_equals_batched():
     x, p = _test_image(B=3, H=16, W=16, seed=3), _explicit_params()
-    torch.testing.assert_close(color_jitter(x, p), color_jitter_reference(x, p), atol=1e-6, rtol=0)
+    torch.testing.assert_close(color_jitter(x, p), color_jitter_original(x, p), atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,15 +382,29 @@ def test_gaussian_blur_vs_kornia():
     kf = pytest.importorskip("kornia.filters")
     x = torch.randn(3, 3, 128, 96, generator=_gen(5))
     sigma = torch.tensor([0.15, 0.6, 1.15], dtype=torch.float64)
-    out = gaussian_blur(x, sigma)
+    out = gaussian_blur_ref(x, sigma)
     for i in range(3):
         expected = kf.gaussian_blur2d(x[i : i + 1], (13, 9), (sigma[i].item(), sigma[i].item()), "reflect")
         torch.testing.assert_close(out[i : i + 1], expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gaussian_blur_reference(x, sigma), out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gaussian_blur_original(x, sigma), out, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The whole strong transform
+# The whole strong transform: the fast step's ops and the original's per-sample order
+
+
+def strong_transform(x, mean, std, generator, cfg):
+    """The fast step's strong augmentation of an already mixed batch, from the same draws as
+    `strong_transform_original`: `mix_and_jitter` pasting every pixel (its mix is then the identity), then
+    `gaussian_blur`."""
+    B, _, H, W = x.shape
+    p = draw_strong_params(B, generator, cfg)
+    labels = torch.zeros(B, H, W, dtype=torch.long, device=x.device)
+    weight = torch.ones(B, H, W, device=x.device)
+    every_class = torch.ones(B, 256, dtype=torch.bool, device=x.device)
+    jitter = p.jitter_params if p.jitter else None
+    out = mix_and_jitter(x, torch.zeros_like(x), labels, labels, weight, every_class, jitter, mean, std)[0]
+    return gaussian_blur(out, p.sigma_B) if p.blur else out
 
 
 def test_strong_params_switches_and_ranges():
@@ -421,28 +442,72 @@ def test_strong_transform_vs_kornia_pipeline():
         xi = (jitter(xi, params=_kornia_params(p.jitter_params, i)) * 255 - mean) / std
         s = p.sigma_B[i].item()
         expected.append(kf.GaussianBlur2d((3, 3), (s, s))(xi))  # 40 → 3, 30 → 3; default border: reflect
-    out = strong_transform(x, MEAN, STD, _gen(seed), cfg)
-    torch.testing.assert_close(out, torch.cat(expected), atol=1e-4, rtol=1e-5)
+    for transform in (strong_transform, strong_transform_original):
+        out = transform(x, MEAN, STD, _gen(seed), cfg)
+        torch.testing.assert_close(out, torch.cat(expected), atol=1e-4, rtol=1e-5)
 
 
 def test_strong_transform_off_is_identity_and_jitter_only():
     cfg = UDAConfig()
     x = torch.randn(2, 3, 16, 16)
-    assert torch.equal(strong_transform(x, MEAN, STD, _gen(_seed_with(False, False, cfg)), cfg), x)
     seed = _seed_with(True, False, cfg)
     p = draw_strong_params(2, _gen(seed), cfg)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     expected = (color_jitter((x * std + mean) / 255, p.jitter_params) * 255 - mean) / std
-    torch.testing.assert_close(strong_transform(x, MEAN, STD, _gen(seed), cfg), expected)
+    for transform in (strong_transform, strong_transform_original):
+        assert torch.equal(transform(x, MEAN, STD, _gen(_seed_with(False, False, cfg)), cfg), x)
+        torch.testing.assert_close(transform(x, MEAN, STD, _gen(seed), cfg), expected)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_strong_transform_reference_equals_batched(seed):
+def test_strong_transform_original_equals_batched(seed):
     cfg = UDAConfig(color_jitter_probability=0.0)
     x = torch.randn(3, 3, 24, 20, generator=_gen(seed))
     out = strong_transform(x, torch.tensor(MEAN), torch.tensor(STD), _gen(seed), cfg)
-    ref = strong_transform_reference(x, MEAN, STD, _gen(seed), cfg)
+    ref = strong_transform_original(x, MEAN, STD, _gen(seed), cfg)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_mixed_batch_equals_original_order():
+    """The fast step's mixed batch (`chosen_classes`, then the strong draws; `mix_and_jitter`, `gaussian_blur`) and
+    the original's per-sample order (`class_masks_original`, per-sample `mix`, `strong_transform_original`) from the
+    same generator state, in each of the four jitter/blur cases: masks, labels and weights bit for bit, images bit
+    for bit without blur and to fp32 rounding with it (the blur's separable and 2-D forms sum in different orders)."""
+    cfg = UDAConfig()
+
+    def after_keys(seed):  # the strong draws follow the class keys, as in the step
+        g = _gen(seed)
+        torch.rand(2, 256, generator=g, dtype=torch.float64)
+        return g
+
+    cases = {(p.jitter, p.blur): s for s in range(40) for p in [draw_strong_params(2, after_keys(s), cfg)]}
+    assert len(cases) == 4
+    g = _gen(11)
+    img, tgt = torch.randn(2, 3, 12, 14, generator=g), torch.randn(2, 3, 12, 14, generator=g)
+    gt, pl = torch.randint(0, 19, (2, 12, 14), generator=g), torch.randint(0, 19, (2, 12, 14), generator=g)
+    gt[0, :4] = 255
+    pw = torch.rand(2, 12, 14, generator=g)
+    for (jitter, blur), seed in cases.items():
+        g = _gen(seed)
+        chosen = chosen_classes(gt, g)
+        aug = draw_strong_params(2, g, cfg)
+        fast = mix_and_jitter(img, tgt, gt, pl, pw, chosen, aug.jitter_params if aug.jitter else None, MEAN, STD)
+        if aug.blur:
+            fast = (gaussian_blur(fast[0], aug.sigma_B), *fast[1:])
+        g = _gen(seed)
+        masks = class_masks_original(gt, g)
+
+        def per_sample(a, b):
+            return torch.cat([mix(masks[i : i + 1], a[i : i + 1], b[i : i + 1]) for i in range(2)])
+
+        original = (strong_transform_original(per_sample(img, tgt), MEAN, STD, g, cfg), per_sample(gt, pl),
+                    per_sample(torch.ones_like(pw), pw), masks)  # fmt: skip
+        for name, a, b in zip(("label", "weight", "mask"), fast[1:], original[1:], strict=True):
+            assert torch.equal(a, b), (jitter, blur, name)
+        if blur:
+            torch.testing.assert_close(fast[0], original[0], atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(fast[0], original[0]), (jitter, blur)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,9 +581,12 @@ def test_stages_are_sync_free_on_cuda():
     def step():
         update_ema(teacher, student, t=3, alpha=0.999)
         pl, pw = pseudo_label(logits.detach(), (64, 64), 0.968, 15, 20)
-        mask = class_masks(labels, _gen(1))
-        mixed = strong_transform(mix(mask, img_s, img_t), MEAN, STD, _gen(seed), cfg)
-        loss = seg_ce_loss(logits, mix(mask, labels, pl), mix(mask, torch.ones_like(pw), pw))
+        chosen = chosen_classes(labels, _gen(1))
+        aug = draw_strong_params(2, _gen(seed), cfg)
+        jitter = aug.jitter_params
+        mixed, mixed_lbl, mixed_w, _ = mix_and_jitter(img_s, img_t, labels, pl, pw, chosen, jitter, MEAN, STD)
+        mixed = gaussian_blur(mixed, aug.sigma_B)
+        loss = seg_ce_loss(logits, mixed_lbl, mixed_w)
         fd, _ = feature_distance(feat, torch.zeros_like(feat), labels, THINGS, 0.75, 19)
         return mixed, loss + fd, acc_seg(logits, labels)
 

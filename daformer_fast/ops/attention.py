@@ -1,15 +1,15 @@
 """Multi-head attention of MiT's efficient self-attention: softmax(q·kᵀ·scale)·v.
 
-The one switch point for attention:
+Three implementations, chosen by `ops.dispatch`:
 - `attention_ref`: explicit q·kᵀ → softmax → ·v in the input dtype, as the original (materialises the
   B·M·N·N' probability tensor);
-- `F.scaled_dot_product_attention` (flash / memory-efficient / math backend chosen by PyTorch), used by `auto`;
+- `attention_sdpa`: `F.scaled_dot_product_attention` (flash / memory-efficient / math backend chosen by PyTorch),
+  used by `auto`;
 - the flash-style Triton kernel `daformer_fast.kernels.attention` (forward and backward), used when forced with
   `impl="triton"`.
 
-`auto` stays on SDPA, on CUDA as elsewhere, until a GPU benchmark at MiT shapes shows the Triton kernel at least
-matching SDPA's flash path (the bar issue 5 sets); none has been run yet. Flip `_AUTO_USES_TRITON` with that
-measurement.
+`auto` runs SDPA until a GPU benchmark at MiT shapes shows the Triton kernel at least matching SDPA's flash path
+(ops/table.py).
 
 Legend: B batch, M heads, N query tokens, L key/value tokens (N/R² with spatial reduction R), D head dim.
 """
@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from daformer_fast.ops._dispatch import Impl, choose_impl, default_impl, device_reasons
+from daformer_fast.ops.dispatch import Impl, dispatch, dtype_reasons
 
-__all__ = ["attention", "attention_ref", "TOLERANCES"]
+__all__ = ["TOLERANCES", "attention", "attention_ref", "attention_sdpa", "attention_unsupported"]
 
 # Forward/backward tolerances of fast paths against the fp32 reference, per dtype (atol, rtol).
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
@@ -34,18 +34,17 @@ def attention_ref(q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tens
     return attn_BMNL @ v_BMLD
 
 
-# Set to True only with a GPU measurement showing the kernel at least as fast as SDPA at MiT shapes.
-_AUTO_USES_TRITON = False
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def attention_sdpa(q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor, scale: float) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` (flash, memory-efficient or math backend, chosen by PyTorch): what `auto`
+    runs until the kernel is measured faster."""
+    return F.scaled_dot_product_attention(q_BMND, k_BMLD, v_BMLD, scale=scale)
 
 
-def _triton_unsupported(
-    q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor, impl: Impl | None = "triton"
+def attention_unsupported(
+    dtypes: tuple[torch.dtype, ...], q_BMND: torch.Tensor, k_BMLD: torch.Tensor, v_BMLD: torch.Tensor, scale: float
 ) -> list[str]:
-    """Reasons the Triton kernel cannot take these inputs (for this `impl`), from static properties only."""
-    reasons = device_reasons((q_BMND, k_BMLD, v_BMLD), impl)
-    if not (q_BMND.dtype == k_BMLD.dtype == v_BMLD.dtype) or q_BMND.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"dtypes {q_BMND.dtype}, {k_BMLD.dtype}, {v_BMLD.dtype} (need one of fp32/bf16/fp16)")
+    """Reasons the Triton kernel cannot take these inputs, from static properties only."""
+    reasons = dtype_reasons("dtypes", (q_BMND, k_BMLD, v_BMLD), dtypes, same=True)
     if q_BMND.ndim != 4 or k_BMLD.ndim != 4 or k_BMLD.shape != v_BMLD.shape:
         reasons.append(f"shapes {tuple(q_BMND.shape)}, {tuple(k_BMLD.shape)}, {tuple(v_BMLD.shape)}")
     elif q_BMND.shape[-1] not in (32, 64, 128):
@@ -61,15 +60,4 @@ def attention(
     impl: "reference" runs `attention_ref`; "triton" forces the Triton kernel (ValueError listing the reasons when it
     cannot take the inputs); "auto" runs SDPA (see the module docstring); None takes the process default.
     """
-    impl = impl or default_impl()
-    if impl == "reference":
-        return attention_ref(q_BMND, k_BMLD, v_BMLD, scale)
-    reasons = _triton_unsupported(q_BMND, k_BMLD, v_BMLD, impl)
-    if impl == "auto" and not _AUTO_USES_TRITON:
-        reasons.append("auto uses SDPA until the kernel is measured faster on GPU")
-    # For attention the non-Triton path of the dispatcher is SDPA, not the materialising reference.
-    if choose_impl("attention", impl, reasons) == "triton":
-        from daformer_fast.kernels.attention import attention_triton
-
-        return attention_triton(q_BMND, k_BMLD, v_BMLD, scale)
-    return F.scaled_dot_product_attention(q_BMND, k_BMLD, v_BMLD, scale=scale)
+    return dispatch("attention", impl, q_BMND, k_BMLD, v_BMLD, scale)

@@ -8,9 +8,8 @@
 The weight map built from the count (q everywhere, zero rows at the top and bottom) stays in
 `daformer_fast.uda.pseudo_label`, the same for both paths.
 
-`auto` keeps the reference, on CUDA as elsewhere, until a GPU benchmark at the model's shapes shows the kernel
-beating `torch.compile` of the reference (the issue's bar); none has been run yet. Flip `_AUTO_USES_TRITON` with
-that measurement.
+`auto` keeps the reference until a GPU benchmark at the model's shapes shows the kernel beating `torch.compile` of
+the reference (ops/table.py).
 
 Legend: B batch, K classes, H/W crop resolution, h/w logit resolution.
 """
@@ -20,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from daformer_fast.ops._dispatch import Impl, choose_impl, default_impl, device_reasons
+from daformer_fast.ops.dispatch import Impl, dispatch, dtype_reasons
 
-__all__ = ["TOLERANCES", "pseudo_label_argmax", "pseudo_label_argmax_ref"]
+__all__ = ["TOLERANCES", "pseudo_label_argmax", "pseudo_label_argmax_ref", "pseudo_label_unsupported"]
 
 # Integer outputs compare exactly except where the fp32 rounding of a different but equally valid evaluation order
 # may decide: "tie_gap", the reference's gap between its two top probabilities below which the argmax may differ;
@@ -34,11 +33,7 @@ TOLERANCES = {
     torch.bfloat16: {"tie_gap": 2e-2, "threshold_ulps": 2**15},
     torch.float16: {"tie_gap": 3e-3, "threshold_ulps": 2**12},
 }
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_CLASSES = 128  # kernels.pseudo_label.MAX_CLASSES, not imported: importing ops must not import triton
-
-# Set to True only with a GPU measurement showing the kernel faster than torch.compile of the reference.
-_AUTO_USES_TRITON = False
 
 
 @torch.no_grad()
@@ -56,11 +51,11 @@ def pseudo_label_argmax_ref(
     return label_BHW, (prob_BHW >= threshold).sum()
 
 
-def _triton_unsupported(logits_BKhw: torch.Tensor, impl: Impl | None = "triton") -> list[str]:
-    """Reasons the Triton kernel cannot take these inputs (for this `impl`), from static properties only."""
-    reasons = device_reasons((logits_BKhw,), impl)
-    if logits_BKhw.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"dtype {logits_BKhw.dtype} (need fp32/bf16/fp16)")
+def pseudo_label_unsupported(
+    dtypes: tuple[torch.dtype, ...], logits_BKhw: torch.Tensor, size: tuple[int, int], threshold: float
+) -> list[str]:
+    """Reasons the Triton kernel cannot take these inputs, from static properties only."""
+    reasons = dtype_reasons("dtype", (logits_BKhw,), dtypes)
     if logits_BKhw.ndim != 4 or not 0 < logits_BKhw.shape[1] <= _MAX_CLASSES:
         reasons.append(f"logits shape {tuple(logits_BKhw.shape)} (need (B, K ≤ {_MAX_CLASSES}, h, w))")
     return reasons
@@ -74,14 +69,4 @@ def pseudo_label_argmax(
     impl: "reference", "triton" (ValueError listing the reasons when the kernel cannot take the inputs), "auto"
     (the reference until measured, see the module docstring) or None for the process default.
     """
-    impl = impl or default_impl()
-    if impl == "reference":
-        return pseudo_label_argmax_ref(logits_BKhw, size, threshold)
-    reasons = _triton_unsupported(logits_BKhw, impl)
-    if impl == "auto" and not _AUTO_USES_TRITON:
-        reasons.append("auto uses the reference until the kernel is measured faster on GPU")
-    if choose_impl("pseudo_label", impl, reasons) == "triton":
-        from daformer_fast.kernels.pseudo_label import pseudo_label_triton
-
-        return pseudo_label_triton(logits_BKhw, size, threshold)
-    return pseudo_label_argmax_ref(logits_BKhw, size, threshold)
+    return dispatch("pseudo_label", impl, logits_BKhw, size, threshold)

@@ -6,9 +6,8 @@
 - the fused Triton kernel `daformer_fast.kernels.seg_ce` (forward and backward), which never stores logits or
   gradients at label resolution.
 
-`auto` keeps the reference, on CUDA as elsewhere, until a GPU benchmark at the model's shapes shows the kernel
-beating `torch.compile` of the reference (the issue's bar); none has been run yet. Flip `_AUTO_USES_TRITON` with
-that measurement.
+`auto` keeps the reference until a GPU benchmark at the model's shapes shows the kernel beating `torch.compile` of
+the reference (ops/table.py).
 
 dtype: the kernel computes in fp32 and returns an fp32 loss, what the reference returns under autocast (its
 cross-entropy runs in fp32 there), which is how the trainer runs bf16. Called on bf16 logits outside autocast,
@@ -22,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from daformer_fast.ops._dispatch import Impl, choose_impl, default_impl, device_reasons
+from daformer_fast.ops.dispatch import Impl, dispatch, dtype_reasons
 
-__all__ = ["TOLERANCES", "seg_ce", "seg_ce_ref", "upsample_logits"]
+__all__ = ["TOLERANCES", "seg_ce", "seg_ce_ref", "seg_ce_unsupported", "upsample_logits"]
 
 # Kernel against the fp32 reference on the same inputs, (atol, rtol) for the loss and the logits' gradient. For
 # bf16/fp16 the tests compare three ways instead: the kernel's error may be at most twice that of the reference
@@ -34,11 +33,7 @@ TOLERANCES = {
     torch.bfloat16: {"loss": (0.0, 2**-8), "dlogits": (0.0, 2**-7)},
     torch.float16: {"loss": (0.0, 2**-10), "dlogits": (0.0, 2**-9)},
 }
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_CLASSES = 128  # kernels.seg_ce.MAX_CLASSES, not imported: importing ops must not import triton
-
-# Set to True only with a GPU measurement showing the kernel faster than torch.compile of the reference.
-_AUTO_USES_TRITON = False
 
 
 def upsample_logits(logits_BKhw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -60,17 +55,15 @@ def seg_ce_ref(
     return ce_BHW.mean()
 
 
-def _triton_unsupported(
+def seg_ce_unsupported(
+    dtypes: tuple[torch.dtype, ...],
     logits_BKhw: torch.Tensor,
     labels_BHW: torch.Tensor,
     weight_BHW: torch.Tensor | None,
-    impl: Impl | None = "triton",
+    ignore_index: int,
 ) -> list[str]:
-    """Reasons the Triton kernel cannot take these inputs (for this `impl`), from static properties only."""
-    tensors = (logits_BKhw, labels_BHW) if weight_BHW is None else (logits_BKhw, labels_BHW, weight_BHW)
-    reasons = device_reasons(tensors, impl)
-    if logits_BKhw.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"logits dtype {logits_BKhw.dtype} (need fp32/bf16/fp16)")
+    """Reasons the Triton kernel cannot take these inputs, from static properties only."""
+    reasons = dtype_reasons("logits dtype", (logits_BKhw,), dtypes)
     if labels_BHW.dtype.is_floating_point or labels_BHW.dtype.is_complex or labels_BHW.dtype == torch.bool:
         reasons.append(f"labels dtype {labels_BHW.dtype} (need an integer dtype)")
     if logits_BKhw.ndim != 4 or not 0 < logits_BKhw.shape[1] <= _MAX_CLASSES:
@@ -97,14 +90,4 @@ def seg_ce(
     impl: "reference", "triton" (ValueError listing the reasons when the kernel cannot take the inputs), "auto"
     (the reference until measured, see the module docstring) or None for the process default.
     """
-    impl = impl or default_impl()
-    if impl == "reference":
-        return seg_ce_ref(logits_BKhw, labels_BHW, weight_BHW, ignore_index)
-    reasons = _triton_unsupported(logits_BKhw, labels_BHW, weight_BHW, impl)
-    if impl == "auto" and not _AUTO_USES_TRITON:
-        reasons.append("auto uses the reference until the kernel is measured faster on GPU")
-    if choose_impl("seg_ce", impl, reasons) == "triton":
-        from daformer_fast.kernels.seg_ce import seg_ce_triton
-
-        return seg_ce_triton(logits_BKhw, labels_BHW, weight_BHW, ignore_index)
-    return seg_ce_ref(logits_BKhw, labels_BHW, weight_BHW, ignore_index)
+    return dispatch("seg_ce", impl, logits_BKhw, labels_BHW, weight_BHW, ignore_index)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from daformer_fast.utils import to_device
+
 __all__ = ["downscale_label_ratio", "feature_distance"]
 
 
@@ -91,12 +93,10 @@ def feature_distance(
         # The reference derives the factor from the widths only (label W // feature w).
         scale_factor = gt_BHW.shape[-1] // w
         label_Bhw = downscale_label_ratio(gt_BHW, scale_factor, scale_min_ratio, n_classes)
-        classes_t = torch.tensor(list(classes), dtype=label_Bhw.dtype)
-        if label_Bhw.device.type == "cuda":  # tiny H2D copy, kept async
-            classes_t = classes_t.pin_memory().to(label_Bhw.device, non_blocking=True)
+        classes_t = to_device(torch.tensor(list(classes), dtype=label_Bhw.dtype), label_Bhw.device)
         # Brute-force membership, not torch.isin: its sorting path (chosen by a size heuristic) calls unique,
         # a host sync on CUDA.
-        mask_Bhw = (label_Bhw.unsqueeze(-1) == classes_t.to(label_Bhw.device)).any(dim=-1)
+        mask_Bhw = (label_Bhw.unsqueeze(-1) == classes_t).any(dim=-1)
     # where (not d·m) so that a non-finite distance at an unselected cell cannot poison the sum or its gradient.
     total = torch.where(mask_Bhw, dist_Bhw, 0.0).sum()
     count = mask_Bhw.sum().clamp(min=1).to(total.dtype)

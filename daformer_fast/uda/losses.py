@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from daformer_fast.ops._dispatch import Impl
+from daformer_fast.ops.dispatch import Impl
 from daformer_fast.ops.seg_ce import seg_ce, upsample_logits
 
 __all__ = ["acc_seg", "seg_ce_loss", "upsample_logits"]

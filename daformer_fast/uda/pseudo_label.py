@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from daformer_fast.ops._dispatch import Impl
+from daformer_fast.ops.dispatch import Impl
 from daformer_fast.ops.pseudo_label import pseudo_label_argmax
 
 __all__ = ["pseudo_label"]

@@ -20,6 +20,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytest.importorskip("triton")
+
 CAPABILITY = 90  # H100
 DTYPES = ("float32", "bfloat16")
 
@@ -69,14 +73,14 @@ def _capture_launches(dtype_names) -> list[tuple]:
             record(f"dwconv_gelu_bwd {name} stage{stage + 1}", mixffn.dwconv_gelu_bwd, torch.empty_like(x), x, wt,
                    bias, h, w)
         img = torch.empty(B, 3, H, W, dtype=dt)
-        taps = torch.full((B, 51), 1 / 51)  # 51 taps at 512² (uda.augment.blur_kernel_size)
-        record(f"gaussian_blur {name}", blur.gaussian_blur, img, taps, taps)
+        taps = torch.full((B, 51), 1 / 51)  # 51 taps at 512² (ops.augment.blur_kernel_size)
+        record(f"gaussian_blur {name}", blur.gaussian_blur_triton, img, taps, taps)
         gt, pl = torch.zeros(B, H, W, dtype=torch.int64), torch.zeros(B, H, W, dtype=torch.int64)
         pw, chosen = torch.empty(B, H, W), torch.zeros(B, 256, dtype=torch.bool)
         mean, std = torch.empty(3), torch.empty(3)
-        record(f"classmix {name}", classmix_aug.classmix_jitter, img, img.clone(), gt, pl, pw, chosen, None, None,
-               mean, std)
-        record(f"classmix+jitter {name}", classmix_aug.classmix_jitter, img, img.clone(), gt, pl, pw, chosen,
+        record(f"classmix {name}", classmix_aug.classmix_jitter_triton, img, img.clone(), gt, pl, pw, chosen, None,
+               None, mean, std)
+        record(f"classmix+jitter {name}", classmix_aug.classmix_jitter_triton, img, img.clone(), gt, pl, pw, chosen,
                torch.ones(B, 4), torch.zeros(B, 4, dtype=torch.int32), mean, std)
         # Decode-head logits at 1/4 of the crop.
         logits = torch.empty(B, K, H // 4, W // 4, dtype=dt)

@@ -1,20 +1,26 @@
 """Fused depthwise 3×3 conv + bias + GELU kernel against `dwconv_gelu_ref`: forward, dx, dweight, dbias; odd shapes,
-dtypes, strided input, the registered ops (opcheck, torch.compile), the dispatch point and MiT's MixFFN wiring.
+dtypes, strided input, the public op under torch.compile, the dispatch point and MiT's MixFFN wiring (opcheck of
+the registered ops: test_opcheck.py).
 
 Without a GPU these run in the Triton interpreter (tests/conftest.py) at tiny shapes. The kernel has no `tl.dot`,
 so the interpreter computes what the GPU computes.
 """
 
-import daformer_fast.kernels.mixffn as km
+import dataclasses
+
 import pytest
 import torch
 
-from daformer_fast.models.mit import MixFFN
-from daformer_fast.ops import _dispatch
-from daformer_fast.ops._dispatch import using_impl
-from daformer_fast.ops.mixffn import TOLERANCES, _triton_unsupported, dwconv_gelu, dwconv_gelu_ref
+pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+import daformer_fast.kernels.mixffn as km  # noqa: E402
+from helpers import DEVICE, assert_three_way  # noqa: E402
+
+from daformer_fast.models.mit import MixFFN  # noqa: E402
+from daformer_fast.ops import dispatch  # noqa: E402
+from daformer_fast.ops.dispatch import kernel_reasons, using_impl  # noqa: E402
+from daformer_fast.ops.mixffn import TOLERANCES, dwconv_gelu, dwconv_gelu_ref  # noqa: E402
+from daformer_fast.ops.table import OPS  # noqa: E402
 
 # (B, h, w, C): C over two channel blocks with a tail, N = 35 < one token block; a 9×13 map (row wrap inside a
 # block); a single row and a single column (every neighbour above/below or left/right is padding); N = 130 over
@@ -53,13 +59,8 @@ def _check(shape, dtype, strided=False):
             atol, rtol = tol["dweight" if name == "dbias" else name]
             torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
         return
-    # Low precision, three-way: the kernel (fp32 inside, one rounding on store) may err at most twice as much as
-    # the reference run in the same dtype, plus a floor of one rounding step of the largest values.
-    base = _run(dwconv_gelu_ref, args, h, w, dy)
-    for name, g, r, b in zip(names, got, want, base, strict=True):
-        err, err_base = (g.float() - r).abs().max().item(), (b.float() - r).abs().max().item()
-        floor = r.abs().max().item() * 2.0**-7
-        assert err <= 2 * err_base + floor, f"{name}: kernel error {err:.3g} vs {dtype} reference {err_base:.3g}"
+    # The kernel computes in fp32 and rounds once on store: the floor is one rounding step of the largest values.
+    assert_three_way(names, got, want, _run(dwconv_gelu_ref, args, h, w, dy), rel_floor=2.0**-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -104,15 +105,6 @@ def test_mixffn_module_triton_matches_reference():
         torch.testing.assert_close(p_fast.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad):
-    x, weight, bias = (t.detach().requires_grad_(requires_grad) for t in _inputs(1, 3, 4, 8, torch.float32))
-    torch.library.opcheck(torch.ops.daformer_fast.dwconv_gelu_fwd.default, (x, weight, bias, 3, 4))
-    dy = torch.randn(1, 12, 8, device=DEVICE).transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous grad
-    args = (dy, x.detach(), weight.detach(), bias.detach(), 3, 4)
-    torch.library.opcheck(torch.ops.daformer_fast.dwconv_gelu_bwd.default, args)
-
-
 def test_compile_public_op_fullgraph():
     args = _inputs(1, 4, 6, 16, torch.float32)
 
@@ -127,7 +119,6 @@ def test_compile_public_op_fullgraph():
 
 
 def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
-    _dispatch._logged.clear()
     monkeypatch.setattr(km, "dwconv_gelu_triton", lambda *a: pytest.fail("auto must not run the kernel on CPU"))
     x, weight, bias = _inputs(1, 3, 3, 4, torch.float32)
     x = x.cpu()
@@ -135,20 +126,17 @@ def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
         dwconv_gelu(x, weight.cpu(), bias.cpu(), 3, 3, impl="auto"), dwconv_gelu_ref(x, weight.cpu(), bias.cpu(), 3, 3)
     )
     msgs = [r.getMessage() for r in ops_log.records if r.getMessage().startswith("dwconv_gelu:")]
-    assert msgs == ["dwconv_gelu: using reference (tensor not on CUDA; auto keeps the reference until the kernel is "
-                    "measured faster on GPU)"]  # fmt: skip
+    assert msgs == ["dwconv_gelu: using reference (tensor not on CUDA; auto uses the reference until a GPU measurement "
+                    "shows the kernel faster)"]  # fmt: skip
 
 
 def test_auto_keeps_reference_until_measured(monkeypatch, ops_log):
-    """Even where the kernel could run, `auto` takes the reference while _AUTO_USES_TRITON is off."""
-    import daformer_fast.ops.mixffn as om
-
-    _dispatch._logged.clear()
-    monkeypatch.setattr(om, "device_reasons", lambda tensors, impl: [])  # as if the tensors were on CUDA
+    """Even where the kernel could run, `auto` takes the reference while the op table's `auto_uses_kernel` is off."""
+    monkeypatch.setattr(dispatch, "device_reasons", lambda tensors, impl: [])  # as if the tensors were on CUDA
     monkeypatch.setattr(km, "dwconv_gelu_triton", lambda *a: pytest.fail("auto must not run the kernel yet"))
     x, weight, bias = _inputs(1, 3, 3, 4, torch.float32)
     dwconv_gelu(x.cpu(), weight.cpu(), bias.cpu(), 3, 3, impl="auto")
-    monkeypatch.setattr(om, "_AUTO_USES_TRITON", True)
+    monkeypatch.setitem(OPS, "dwconv_gelu", dataclasses.replace(OPS["dwconv_gelu"], auto_uses_kernel=True))
     monkeypatch.setattr(km, "dwconv_gelu_triton", lambda *a: "kernel")
     assert dwconv_gelu(x.cpu(), weight.cpu(), bias.cpu(), 3, 3, impl="auto") == "kernel"
 
@@ -160,7 +148,7 @@ def test_forced_triton_rejects_unsupported_inputs(monkeypatch):
     with pytest.raises(ValueError, match="dtypes torch.float64"):
         dwconv_gelu(x.double(), weight, bias, 3, 3, impl="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert _triton_unsupported(x.cpu(), weight.cpu(), bias.cpu(), 3, 3) == ["tensor not on CUDA"]
-    monkeypatch.setattr(_dispatch, "triton_available", lambda: (False, "DAFORMER_FAST_KERNELS=0"))
+    assert kernel_reasons("dwconv_gelu", "triton", x.cpu(), weight.cpu(), bias.cpu(), 3, 3) == ["tensor not on CUDA"]
+    monkeypatch.setattr(dispatch, "triton_available", lambda: (False, "DAFORMER_FAST_KERNELS=0"))
     with pytest.raises(ValueError, match="DAFORMER_FAST_KERNELS=0"):
         dwconv_gelu(x, weight, bias, 3, 3, impl="triton")

@@ -1,6 +1,6 @@
 """Fused pseudo-label kernel against `pseudo_label_argmax_ref`: labels and confident counts over odd shapes, upsample
-ratios and dtypes, the inclusive threshold and first-index ties, the registered op (opcheck, torch.compile), the
-dispatch point and the UDA stage built on it.
+ratios and dtypes, the inclusive threshold and first-index ties, the public op under torch.compile, the dispatch
+point and the UDA stage built on it (opcheck of the registered op: test_opcheck.py).
 
 Without a GPU these run in the Triton interpreter (tests/conftest.py) at tiny shapes; on a GPU the `gpu` test also
 runs the model's shape (B = 2, K = 19, 128² → 512²).
@@ -10,16 +10,18 @@ import os
 import subprocess
 import sys
 
-import daformer_fast.kernels.pseudo_label as kpl
 import pytest
 import torch
 import torch.nn.functional as F
 
-from daformer_fast.ops import _dispatch
-from daformer_fast.ops.pseudo_label import TOLERANCES, pseudo_label_argmax, pseudo_label_argmax_ref
-from daformer_fast.uda.pseudo_label import pseudo_label
+pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+import daformer_fast.kernels.pseudo_label as kpl  # noqa: E402
+from helpers import DEVICE  # noqa: E402
+
+from daformer_fast.ops import dispatch  # noqa: E402
+from daformer_fast.ops.pseudo_label import TOLERANCES, pseudo_label_argmax, pseudo_label_argmax_ref  # noqa: E402
+from daformer_fast.uda.pseudo_label import pseudo_label  # noqa: E402
 
 # (B, K, h, w, H, W): non-integer ratios with a pixel count not a multiple of the 128-pixel block (2·260 pixels);
 # no resize; the model's 4× with 16 classes; downsampling; a one-row logit map (both corners of every pixel are
@@ -105,11 +107,6 @@ def test_uda_stage_same_with_either_implementation():
     assert fast[1].dtype == torch.float32 and fast[1].is_contiguous()
 
 
-def test_opcheck():
-    logits = torch.randn(1, 6, 3, 4, device=DEVICE)
-    torch.library.opcheck(torch.ops.daformer_fast.pseudo_label_fwd.default, (logits, 7, 9, 0.4))
-
-
 def test_compile_public_op_fullgraph():
     logits = 3 * torch.randn(1, 19, 4, 5, device=DEVICE)
 
@@ -124,7 +121,6 @@ def test_compile_public_op_fullgraph():
 
 
 def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
-    _dispatch._logged.clear()
     monkeypatch.setattr(kpl, "pseudo_label_triton", lambda *a: pytest.fail("auto must not run the kernel"))
     logits = torch.randn(1, 4, 3, 3)
     got = pseudo_label_argmax(logits, (5, 5), 0.5, impl="auto")
@@ -139,7 +135,7 @@ def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
 def test_default_impl_reaches_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(kpl, "pseudo_label_triton", lambda *a: calls.append(a) or pseudo_label_argmax_ref(*a))
-    monkeypatch.setattr(_dispatch, "_default_impl", "triton")
+    monkeypatch.setattr(dispatch, "_default_impl", "triton")
     pseudo_label(torch.randn(1, 3, 2, 2, device=DEVICE), (4, 4), 0.5, 1, 1)
     assert len(calls) == 1
 

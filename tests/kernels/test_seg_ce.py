@@ -1,21 +1,24 @@
 """Fused upsample + weighted cross-entropy kernel against `seg_ce_ref`: loss and the logits' gradient over odd
 shapes, upsample ratios (up, down, none), weights, ignored pixels and dtypes; determinism of the gather backward;
-the registered ops (opcheck, torch.compile), the dispatch point and the UDA loss built on it.
+the public op under torch.compile, the dispatch point and the UDA loss built on it (opcheck of the registered
+ops: test_opcheck.py).
 
 Without a GPU these run in the Triton interpreter (tests/conftest.py) at tiny shapes; on a GPU the `gpu` test also
 runs the model's shape (B = 2, K = 19, 128² → 512²).
 """
 
-import daformer_fast.kernels.seg_ce as kce
 import pytest
 import torch
 import torch.nn.functional as F
 
-from daformer_fast.ops import _dispatch
-from daformer_fast.ops.seg_ce import TOLERANCES, seg_ce, seg_ce_ref
-from daformer_fast.uda.losses import seg_ce_loss
+pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+import daformer_fast.kernels.seg_ce as kce  # noqa: E402
+from helpers import DEVICE  # noqa: E402
+
+from daformer_fast.ops import dispatch  # noqa: E402
+from daformer_fast.ops.seg_ce import TOLERANCES, seg_ce, seg_ce_ref  # noqa: E402
+from daformer_fast.uda.losses import seg_ce_loss  # noqa: E402
 BILINEAR = {"mode": "bilinear", "align_corners": False}
 
 # (B, K, h, w, H, W): non-integer ratios over several pixel blocks; no resize; the model's 4× with 16 classes;
@@ -137,16 +140,8 @@ def test_uda_loss_same_with_either_implementation():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
 
 
-def test_opcheck():
-    logits, labels, weight = _inputs(1, 3, 2, 3, 5, 4, torch.float32, weighted=True)
-    torch.library.opcheck(torch.ops.daformer_fast.seg_ce_fwd.default, (logits, labels, weight, 255))
-    _, lse = kce.seg_ce_fwd(logits.detach(), labels, weight, 255)
-    args = (torch.tensor(0.7, device=DEVICE), logits.detach(), labels, weight, lse, 255)
-    torch.library.opcheck(torch.ops.daformer_fast.seg_ce_bwd.default, args)
-
-
 def test_compile_public_op_fullgraph(ops_log):
-    _dispatch._logged.clear()  # the dispatch decision must be logged from inside the trace without a graph break
+    # The dispatch decision must be logged from inside the trace without a graph break.
     logits, labels, weight = _inputs(1, 19, 4, 5, 9, 11, torch.float32, weighted=True)
 
     def f(x, op_impl):
@@ -154,15 +149,15 @@ def test_compile_public_op_fullgraph(ops_log):
 
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(logits, "triton")
+    # Read before the eager reference below, which logs its own (forced) decision.
+    assert [r.getMessage() for r in ops_log.records if r.getMessage().startswith("seg_ce:")] == ["seg_ce: using triton"]
     want = f(logits, "reference")
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     g_got, g_want = (torch.autograd.grad(v, logits)[0] for v in (got, want))
     torch.testing.assert_close(g_got, g_want, atol=1e-7, rtol=1e-4)
-    assert [r.getMessage() for r in ops_log.records if r.getMessage().startswith("seg_ce:")] == ["seg_ce: using triton"]
 
 
 def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
-    _dispatch._logged.clear()
     monkeypatch.setattr(kce, "seg_ce_triton", lambda *a: pytest.fail("auto must not run the kernel"))
     logits, labels, _ = _inputs(1, 4, 3, 3, 5, 5, torch.float32, weighted=False)
     torch.testing.assert_close(seg_ce(logits, labels, impl="auto"), seg_ce_ref(logits, labels))
@@ -175,7 +170,7 @@ def test_auto_on_cpu_uses_reference_and_logs_why(monkeypatch, ops_log):
 def test_default_impl_reaches_the_kernel(monkeypatch):
     calls = []
     monkeypatch.setattr(kce, "seg_ce_triton", lambda *a: calls.append(a) or seg_ce_ref(*a))
-    monkeypatch.setattr(_dispatch, "_default_impl", "triton")
+    monkeypatch.setattr(dispatch, "_default_impl", "triton")
     seg_ce_loss(*_inputs(1, 3, 2, 2, 4, 4, torch.float32, weighted=True))
     assert len(calls) == 1
 
