@@ -6,7 +6,7 @@ encoder, but only at cells dominated by a "thing" class: the source label is dow
 the ignore label), and the loss is the mean over selected cells of the per-position **L2 norm** (not squared) of
 the feature difference over channels. The caller multiplies by λ = 0.005.
 
-Deviation (recipe §2.7 suggests it): the reference's `mean` over an empty selection is NaN (zero gradient but a
+Deviation (recipe §2.7 suggests it): the original's `mean` over an empty selection is NaN (zero gradient but a
 NaN log). Here the masked mean is Σ d·m / max(Σ m, 1), which is 0 with a zero gradient when nothing is selected,
 and needs no host sync to find that out.
 
@@ -90,7 +90,7 @@ def feature_distance(
     if classes is None:
         mask_Bhw = torch.ones((B, h, w), dtype=torch.bool, device=dist_Bhw.device)
     else:
-        # The reference derives the factor from the widths only (label W // feature w).
+        # The original derives the factor from the widths only (label W // feature w).
         scale_factor = gt_BHW.shape[-1] // w
         label_Bhw = downscale_label_ratio(gt_BHW, scale_factor, scale_min_ratio, n_classes)
         classes_t = to_device(torch.tensor(list(classes), dtype=label_Bhw.dtype), label_Bhw.device)

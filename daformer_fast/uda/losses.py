@@ -1,4 +1,4 @@
-"""Segmentation loss and accuracy with the reference's normalisation (DAFormer recipe §2.6, checklist item 1).
+"""Segmentation loss and accuracy with the original's normalisation (DAFormer recipe §2.6, checklist item 1).
 
 mmseg 0.16 (`CrossEntropyLoss` + `BaseDecodeHead.losses`) upsamples the 1/4-resolution logits bilinearly
 (align_corners=False) to the label size, takes the per-pixel cross-entropy with ignored pixels set to 0,

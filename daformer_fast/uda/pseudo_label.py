@@ -13,7 +13,7 @@ pasted into those rows keep weight 1.
 The upsample, softmax, argmax and count are `ops.pseudo_label_argmax` (the reference, or a fused kernel that never
 stores the full-resolution logits); the weight map is formed here, the same for both.
 
-q stays on the device as a tensor: the reference reads it with `.item()`, a host sync this version avoids.
+q stays on the device as a tensor: the original reads it with `.item()`, a host sync this version avoids.
 
 Shape legend: B batch, K classes, H/W crop resolution, h/w logit resolution.
 """
@@ -55,7 +55,7 @@ def pseudo_label(
     H, W = size
     B = teacher_logits_BKhw.shape[0]
     label_BHW, num_confident = pseudo_label_argmax(teacher_logits_BKhw, (H, W), threshold, impl=impl)
-    # Count in int64 and divide in float64, as the reference does (`sum().item() / size` in Python), then round
+    # Count in int64 and divide in float64, as the original does (`sum().item() / size` in Python), then round
     # once to float32; a float32 mean could differ in the last bit.
     q = (num_confident.double() / (B * H * W)).float()
     rows_H = torch.arange(H, device=label_BHW.device)
