@@ -1,5 +1,7 @@
 """Test setup: run Triton kernels in the interpreter when there is no GPU; keep CPU tests deterministic."""
 
+import importlib.util
+import logging
 import os
 
 import torch
@@ -27,8 +29,8 @@ def _squeeze_interpreter_index() -> None:
     interpreter._patch_lang_tensor = _patch_lang_tensor
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _squeeze_interpreter_index()
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _squeeze_interpreter_index()  # without triton the kernel tests skip (importorskip) and there is nothing to patch
 
 import pytest  # noqa: E402
 
@@ -37,3 +39,17 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def ops_log(caplog, monkeypatch):
+    """caplog at INFO for the dispatch point's logger ("daformer_fast.ops"), with no decision logged yet.
+
+    Each decision is logged once per process (`utils.log_once`): a fresh record of what was logged lets a test see
+    its own. caplog listens on the root logger; the trainer turns off propagation of the package logger for its own
+    handlers, so a training run earlier in the same process would otherwise hide these records.
+    """
+    monkeypatch.setattr(logging.getLogger("daformer_fast"), "propagate", True)
+    monkeypatch.setattr("daformer_fast.utils._logged", set())
+    caplog.set_level(logging.INFO, logger="daformer_fast.ops")
+    return caplog

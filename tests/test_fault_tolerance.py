@@ -1,4 +1,4 @@
-"""Fault tolerance (issue 7): exact resume after kill -9 (also mid-write), damaged checkpoints, SIGTERM, torchrun
+"""Fault tolerance: exact resume after kill -9 (also mid-write), damaged checkpoints, SIGTERM, torchrun
 elastic restarts, non-finite steps, bad input through the CLI, and the security rules for checkpoints, YAML and
 the work dir.
 
@@ -117,6 +117,7 @@ def reference(tmp_path_factory, syn) -> Path:
 # Resume after kill -9, damaged checkpoints, SIGTERM, elastic restarts
 
 
+@pytest.mark.slow
 def test_kill9_mid_write_and_at_random_moments_resumes_exactly(tmp_path, syn, reference):
     cfg = _config(tmp_path, syn)
     work = tmp_path / "work"
@@ -157,6 +158,7 @@ def test_kill9_mid_write_and_at_random_moments_resumes_exactly(tmp_path, syn, re
     assert (work / "train.log").read_text().count("resumed from") >= 3
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, syn, reference):
     cfg = _config(tmp_path, syn)
     work = tmp_path / "work"
@@ -174,6 +176,7 @@ def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, syn, referen
     _assert_same_state(reference, work / "iter_000008.pth")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_0_then_resumes_exactly(tmp_path, syn, reference):
     """SIGTERM to the whole process group (as schedulers send it), with a DataLoader worker in the group."""
     cfg = _config(tmp_path, syn)
@@ -226,6 +229,7 @@ def _logged_steps(work: Path) -> list[int]:
         return []
 
 
+@pytest.mark.slow
 def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path, syn):
     """--max-restarts=1: SIGKILL of rank 1 mid-run → torchrun restarts both ranks, which resume and finish."""
     cfg = _config(tmp_path, syn, max_iters=6, deterministic=False)
@@ -241,6 +245,7 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path, syn):
     assert _iters(work)[-1] == 6 and read_checkpoint(work / "latest.pth")["iteration"] == 6
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_iteration(tmp_path, syn):
     """Only rank 1 gets SIGTERM; rank 0 must learn of it through the all-reduced flag, both checkpoint at the same
     iteration and exit 0 (so torchrun reports success), and the run then resumes from there to the end."""
@@ -400,6 +405,7 @@ def _bad_cases(tmp: Path, syn: Path) -> list[tuple[str, list[str], str]]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_short_errors_and_leave_checkpoints_untouched(tmp_path, syn, reference, capsys):
     cfg = _config(tmp_path, syn)
     work = tmp_path / "work"
@@ -421,6 +427,7 @@ def test_bad_inputs_give_short_errors_and_leave_checkpoints_untouched(tmp_path, 
     assert not (tmp_path / "inputs" / "pwned").exists()  # the payload never ran
 
 
+@pytest.mark.slow
 def test_cli_error_is_short_in_a_real_process(tmp_path, syn):
     cfg = _config(tmp_path, syn)
     res = subprocess.run([sys.executable, "-m", "daformer_fast.train", str(cfg), "--set", "data.crop=[64]"],

@@ -44,7 +44,6 @@ def syn(tmp_path_factory) -> Path:
     return _syn(tmp_path_factory.mktemp("syn"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", ["fast", "original"])
 def test_tiny_run_reproduces_golden_losses(tmp_path, syn, path):
     golden = json.loads(GOLDEN.read_text())[path]

@@ -2,7 +2,6 @@
 kernels/."""
 
 import dataclasses
-import logging
 import os
 import subprocess
 import sys
@@ -17,16 +16,6 @@ from daformer_fast.ops.dispatch import choose_impl, kernel_reasons, set_default_
 from daformer_fast.ops.table import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def ops_log(caplog, monkeypatch):
-    """caplog at INFO for the dispatch logger; the trainer turns off the package logger's propagation to the root
-    (where caplog listens) for its own handlers, so a training run earlier in the process would hide the records."""
-    monkeypatch.setattr(logging.getLogger("daformer_fast"), "propagate", True)
-    monkeypatch.setattr(utils, "_logged", set())  # every decision is logged once per process: start afresh
-    caplog.set_level(logging.INFO, logger="daformer_fast.ops")
-    return caplog
 
 
 def test_forced_reference_and_rejection_reasons():
@@ -98,6 +87,7 @@ def test_attention_rejection_reasons_without_interpreter(monkeypatch):
     ]
 
 
+@pytest.mark.slow
 def test_env_switch_disables_kernels():
     code = (
         "from daformer_fast.ops.dispatch import triton_available, choose_impl; "
@@ -135,6 +125,7 @@ def test_kernels_folder_imports_as_package_member():
     assert spec == "None"  # no top-level module named plain `kernels` is installed
 
 
+@pytest.mark.slow
 def test_importing_ops_does_not_import_triton():
     code = "import sys, daformer_fast.ops, daformer_fast.models; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -99,6 +99,7 @@ def test_bad_inputs_short_errors(tmp_path, syn, capsys):
     assert "missing.pth" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(tmp_path, syn):
     """DDP on CPU (gloo): two ranks train on different batches, evaluate their shards, rank 0 writes."""
     cfg = _config(tmp_path, syn, max_iters=2, eval_interval=2, deterministic=False)
@@ -115,6 +116,7 @@ def test_torchrun_two_processes(tmp_path, syn):
     shutil.rmtree(work)
 
 
+@pytest.mark.slow
 def test_two_node_rendezvous(tmp_path, syn):
     """Two torchrun launches (one process each) meet through c10d rendezvous on 127.0.0.1, as two nodes would."""
     import socket

@@ -190,6 +190,7 @@ def test_bf16_step_runs_close_to_fp32(base_model):
         torch.testing.assert_close(b16[k], f32[k], rtol=5e-2, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager(base_model, monkeypatch):
     """torch.compile of the three networks (graph capture and compiled autograd through AOTAutograd). The
     aot_eager backend keeps the test fast on CPU; inductor code generation itself is torch's and runs on GPU."""

@@ -110,6 +110,7 @@ def test_lse_output_and_its_gradient():
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_public_op_fullgraph(ops_log):
     # The dispatch decision must be logged from inside the trace without a graph break.
     q, k, v = (torch.randn(1, 2, n, 32, device=DEVICE, requires_grad=True) for n in (40, 24, 24))
@@ -127,6 +128,7 @@ def test_compile_public_op_fullgraph(ops_log):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mit_with_triton_attention_matches_reference():
     torch.manual_seed(0)
     ref = mit("b0", drop_path_rate=0.0).to(DEVICE)
@@ -172,6 +174,7 @@ def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
     torch.testing.assert_close(attention(q, q, q, 1.0, impl="auto"), attention_ref(q, q, q, 1.0))
 
 
+@pytest.mark.slow
 def test_kill_switch_forces_sdpa_and_blocks_forced_triton():
     code = (
         "import torch; from daformer_fast.ops.attention import attention\n"

@@ -182,6 +182,7 @@ def test_blur_rejects_bad_taps():
 # Compile, dispatch
 
 
+@pytest.mark.slow
 def test_compile_public_ops():
     data, params = _batch(2, 5, 6, 19)
     sigma = torch.tensor([0.3, 0.9], dtype=torch.float64)

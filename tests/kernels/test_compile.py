@@ -122,6 +122,7 @@ def _compile_all(capability: int, dtype_names) -> dict:
     return {"report": report, "distinct": len(done), "defined": sorted(defined)}
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_nvidia(tmp_path):
     # A fresh cache: with a warm one Triton would load earlier results instead of compiling.
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))

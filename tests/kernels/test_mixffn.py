@@ -105,6 +105,7 @@ def test_mixffn_module_triton_matches_reference():
         torch.testing.assert_close(p_fast.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
 def test_compile_public_op_fullgraph():
     args = _inputs(1, 4, 6, 16, torch.float32)
 

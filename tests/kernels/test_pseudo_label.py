@@ -107,6 +107,7 @@ def test_uda_stage_same_with_either_implementation():
     assert fast[1].dtype == torch.float32 and fast[1].is_contiguous()
 
 
+@pytest.mark.slow
 def test_compile_public_op_fullgraph():
     logits = 3 * torch.randn(1, 19, 4, 5, device=DEVICE)
 
@@ -150,6 +151,7 @@ def test_forced_triton_rejects_unsupported_inputs(monkeypatch):
         pseudo_label_argmax(torch.randn(1, 3, 2, 2), (4, 4), 0.5, impl="triton")
 
 
+@pytest.mark.slow
 def test_kill_switch_keeps_reference_and_blocks_forced_triton():
     code = (
         "import sys, torch; from daformer_fast.ops import pseudo_label_argmax, seg_ce\n"

@@ -140,6 +140,7 @@ def test_uda_loss_same_with_either_implementation():
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_public_op_fullgraph(ops_log):
     # The dispatch decision must be logged from inside the trace without a graph break.
     logits, labels, weight = _inputs(1, 19, 4, 5, 9, 11, torch.float32, weighted=True)
