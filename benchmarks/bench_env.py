@@ -1,7 +1,7 @@
 """What every benchmark record carries: device, versions, git revision, date, machine load, and the device peaks that
 MFU and bandwidth fractions are taken against.
 
-Peaks are datasheet dense values (`shared/reference/performance.md` §5), looked up by a substring of the CUDA device
+Peaks are the vendors' datasheet dense values (no sparsity), looked up by a substring of the CUDA device
 name. They are leads, not ceilings measured here: a report should say which was used. CPUs have no entry (no MFU).
 """
 

@@ -356,7 +356,7 @@ def run_benchmark(
         record["original"] = {**ref, "flop_per_iter_executed": flops["original"]["total"]}
         record["fast"] = {**fast, "speedup": round(fast["img_s"] / ref["img_s"], 3)}
         if device.type == "cuda":
-            record["targets"] = {  # issue 6, for one H100 at the paper's setting
+            record["targets"] = {  # the project's targets for one H100 at the paper's setting
                 "speedup_ge_10x": fast["img_s"] >= 10 * ref["img_s"], "ms_p50_le_25": fast["ms_p50"] <= 25,
                 "peak_mem_le_6gb": (fast["peak_mem_gib"] or 0) * 2**30 <= 6e9, "data_wait_lt_5pct":
                 fast["data_wait_pct"] < 5,

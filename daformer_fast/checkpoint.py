@@ -3,7 +3,7 @@
 `load_weights(model, path)` detects the file layout and maps it onto a `MixVisionTransformer` or a `Segmentor`:
 
 - "segformer-mit": SegFormer's ImageNet `mit_b*.pth`, a flat encoder dict (+ ImageNet `head.*`, ignored), possibly
-  wrapped under `state_dict` / `model` (the order the reference's `init_weights` looks them up in);
+  wrapped under `state_dict` / `model` (the order the original's `init_weights` looks them up in);
 - "daformer": official DAFormer checkpoints (`state_dict` with `model.` student, `ema_model.` teacher and
   `imnet_model.` keys, or a published file with `model.*` only; a leading `module.` is dropped);
 - "hf-mit": HF transformers `nvidia/mit-b*` weights (`segformer.encoder.*`, `.bin`/`.pth`/`.safetensors`); the
@@ -121,7 +121,7 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict:
 
 
 def _unwrap(obj: dict) -> dict:
-    """The reference's init_weights order: `state_dict`, else `model`, else the dict; then drop DDP's `module.`."""
+    """The original's init_weights order: `state_dict`, else `model`, else the dict; then drop DDP's `module.`."""
     for name in ("state_dict", "model"):
         if isinstance(obj.get(name), dict):
             obj = obj[name]

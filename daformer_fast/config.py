@@ -60,14 +60,14 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     backbone: Backbone = "mit_b5"
-    """Mix Transformer size; the recipe's is mit_b5 (recipe §1.2, §4.1)."""
+    """Mix Transformer size; the recipe's is mit_b5 (docs/recipe.md §1.2, §4.1)."""
     decoder: Decoder = "daformer_sepaspp"
     """DAFormer head with separable ASPP fusion (final), its ablations, or the SegFormer MLP head."""
     num_classes: int = 19
     """Number of classes K: train ids 0..K-1 (255 = ignore) in labels, logits and metrics; must equal
-    len(data.classes). 19 = the Cityscapes train ids (recipe §0)."""
+    len(data.classes). 19 = the Cityscapes train ids (docs/recipe.md §0)."""
     head_channels: int | None = None
-    """Fused/embedding channels of the head; None = 256 for DAFormer heads (recipe §1.2), SegFormer's own width
+    """Fused/embedding channels of the head; None = 256 for DAFormer heads (docs/recipe.md §1.2), SegFormer's own width
     (256 for B0/B1, 768 for B2-B5) otherwise."""
     drop_path_rate: float = 0.1
     """Stochastic depth, linspace(0, rate) over all encoder blocks."""
@@ -80,10 +80,11 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     name: DatasetName = "cityscapes"
-    """Folder layout of `daformer_fast.data.datasets` (recipe §1.7), or `folder` for a custom dataset
-    (images/<split>, labels/<split>). A `synthia` source makes the evaluation report mIoU16/mIoU13 (recipe §5)."""
+    """Folder layout of `daformer_fast.data.datasets` (docs/recipe.md §1.7), or `folder` for a custom dataset
+    (images/<split>, labels/<split>). A `synthia` source makes the evaluation report mIoU16/mIoU13 (docs/recipe.md
+    §5)."""
     root: str = "data/cityscapes"
-    """Dataset root folder. For the source with RCS it also holds `sample_class_stats.json` (recipe §3.3)."""
+    """Dataset root folder. For the source with RCS it also holds `sample_class_stats.json` (docs/recipe.md §3.3)."""
     split: str = "train"
     """Sub-folder for layouts that have splits (cityscapes/acdc/darkzurich/folder); ignored by gta/synthia."""
     scale: tuple[int, int] = (1024, 512)
@@ -97,8 +98,8 @@ class DatasetConfig:
 @dataclass(frozen=True, kw_only=True)
 class RCSConfig:
     enabled: bool = True
-    """Draw each source image by Rare Class Sampling (recipe §3.2) instead of uniformly; used in `dacs` mode only
-    and needs the source root's `sample_class_stats.json` (recipe §3.3)."""
+    """Draw each source image by Rare Class Sampling (docs/recipe.md §3.2) instead of uniformly; used in `dacs` mode
+    only and needs the source root's `sample_class_stats.json` (docs/recipe.md §3.3)."""
     min_pixels: int = 3000
     """An image is a candidate for class c if it has more than this many pixels of c (original resolution). 3000 is
     for GTA's 1914x1052 labels; scale it by label area for other sizes (`convert_datasets folder` prints the value,
@@ -114,15 +115,15 @@ class DataConfig:
     source: DatasetConfig = field(
         default_factory=lambda: DatasetConfig(name="gta", root="data/gta", scale=(1280, 720))
     )
-    """Labelled source domain; GTA at scale (1280, 720), i.e. 1914x1052 → 1280x704 (recipe §1.6). Not trained on
+    """Labelled source domain; GTA at scale (1280, 720), i.e. 1914x1052 → 1280x704 (docs/recipe.md §1.6). Not trained on
     in `target_only` mode."""
     target: DatasetConfig = field(default_factory=lambda: DatasetConfig(name="cityscapes", root="data/cityscapes"))
-    """Target domain; Cityscapes train at (1024, 512) (recipe §1.6). Unlabelled in `dacs` mode (its labels are
+    """Target domain; Cityscapes train at (1024, 512) (docs/recipe.md §1.6). Unlabelled in `dacs` mode (its labels are
     never read); the labelled training set in `target_only` mode."""
     val: DatasetConfig = field(
         default_factory=lambda: DatasetConfig(name="cityscapes", root="data/cityscapes", split="val")
     )
-    """Evaluation set (labelled): Cityscapes val at (1024, 512), whole-image inference (recipe §5)."""
+    """Evaluation set (labelled): Cityscapes val at (1024, 512), whole-image inference (docs/recipe.md §5)."""
     classes: tuple[str, ...] = CITYSCAPES_CLASSES
     """Class names in train-id order, shared by all three datasets (custom datasets list their own)."""
     palette: tuple[tuple[int, int, int], ...] = CITYSCAPES_PALETTE
@@ -131,10 +132,10 @@ class DataConfig:
     """Training crop (height, width)."""
     cat_max_ratio: float = 0.75
     """Labelled crops only (the source; the target in `target_only` mode): re-draw, up to 10 times, a crop that has
-    a single class or one class covering at least this share, 255 ignored (recipe §1.6); >= 1 = no check. The
+    a single class or one class covering at least this share, 255 ignored (docs/recipe.md §1.6); >= 1 = no check. The
     unlabelled target crop never reads labels."""
     flip_prob: float = 0.5
-    """Probability of a horizontal flip of each training crop, source and target alike (recipe §1.6: 0.5)."""
+    """Probability of a horizontal flip of each training crop, source and target alike (docs/recipe.md §1.6: 0.5)."""
     batch_size: int = 2
     """Images per domain per GPU and iteration (2 source + 2 target)."""
     workers: int = 4
@@ -145,7 +146,7 @@ class DataConfig:
     """auto = NVIDIA DALI when the device is CUDA and `nvidia.dali` imports, the torch DataLoader otherwise; both
     draw the same samples (`daformer_fast.data.loader`)."""
     rcs: RCSConfig = field(default_factory=RCSConfig)
-    """Rare Class Sampling of the source images (recipe §3)."""
+    """Rare Class Sampling of the source images (docs/recipe.md §3)."""
     strict: bool = False
     """Stop at the first unreadable sample instead of skipping it with a warning."""
     synthetic_root: str | None = None
@@ -164,45 +165,46 @@ class UDAConfig:
     """Softmax confidence at or above which a target pixel counts toward the pseudo-label weight."""
     pseudo_weight_ignore_top: int = 15
     """Top rows of each target crop whose pseudo-label weight is set to 0, before mixing (pasted source pixels
-    keep weight 1). 15 is for 512-row crops of Cityscapes (recipe §2.2 step 6, §2.3); scale it with the crop
+    keep weight 1). 15 is for 512-row crops of Cityscapes (docs/recipe.md §2.2 step 6, §2.3); scale it with the crop
     height for other data."""
     pseudo_weight_ignore_bottom: int = 120
     """Bottom rows of each target crop whose pseudo-label weight is set to 0, as `pseudo_weight_ignore_top`; 120 is
-    for 512-row crops of Cityscapes (recipe §2.2 step 6)."""
+    for 512-row crops of Cityscapes (docs/recipe.md §2.2 step 6)."""
     fd_lambda: float = 0.005
     """ImageNet feature distance weight; 0 disables FD (and the frozen ImageNet encoder)."""
     fd_classes: tuple[int, ...] | None = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
     """Thing classes whose cells carry the feature distance; None = all cells (ablation)."""
     fd_scale_min_ratio: float = 0.75
     """FD mask: minimum share, in (0, 1], of the majority class in the label cell of one last-stage feature
-    (32x32 pixels at MiT's stride 32) for the cell to count; cells mostly 255 never count (recipe §2.7: 0.75)."""
+    (32x32 pixels at MiT's stride 32) for the cell to count; cells mostly 255 never count (docs/recipe.md §2.7:
+    0.75)."""
     blur: bool = True
     """Gaussian blur of the mixed images with probability 0.5 (one switch per batch, σ ~ U(0.15, 1.15) per sample,
-    recipe §2.5); False never blurs."""
+    docs/recipe.md §2.5); False never blurs."""
     color_jitter_strength: float = 0.2
     """Colour jitter factors of the mixed images: brightness, contrast, saturation ~ U(1-s, 1+s), hue ~ U(-s, s)
-    per sample, kornia 0.5.8 semantics (recipe §2.5: 0.2)."""
+    per sample, kornia 0.5.8 semantics (docs/recipe.md §2.5: 0.2)."""
     color_jitter_probability: float = 0.2
-    """As in the reference: jitter is applied when U(0,1) > this value, i.e. with probability 0.8."""
+    """As in the original: jitter is applied when U(0,1) > this value, i.e. with probability 0.8."""
     debug_img_interval: int = 1000
     """Every this many iterations (t = 0, N, 2N, ...) rank 0 saves debug grids of the step's images, labels and
-    masks to work_dir/class_mix_debug (`dacs` mode only; recipe §2.9: 1000); <= 0 disables them."""
+    masks to work_dir/class_mix_debug (`dacs` mode only; docs/recipe.md §2.9: 1000); <= 0 disables them."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     lr: float = 6e-5
-    """AdamW base learning rate, the encoder groups' peak lr before the schedule (recipe §1.2: 6e-5)."""
+    """AdamW base learning rate, the encoder groups' peak lr before the schedule (docs/recipe.md §1.2: 6e-5)."""
     betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW (β1, β2) (recipe §1.2)."""
+    """AdamW (β1, β2) (docs/recipe.md §1.2)."""
     eps: float = 1e-8
-    """AdamW epsilon (recipe §1.2: the torch default 1e-8)."""
+    """AdamW epsilon (docs/recipe.md §1.2: the torch default 1e-8)."""
     weight_decay: float = 0.01
     """Decoupled AdamW decay, p ← p·(1 - lr·wd) with the group's current lr; every parameter, biases and head BN
-    included, except the encoder LayerNorms (`norm_decay_mult`) (recipe §1.4: 0.01)."""
+    included, except the encoder LayerNorms (`norm_decay_mult`) (docs/recipe.md §1.4: 0.01)."""
     head_lr_mult: float = 10.0
     """Learning-rate multiplier of every decode-head parameter: head lr = lr · head_lr_mult, 6e-5 · 10 = 6e-4
-    (recipe §1.4)."""
+    (docs/recipe.md §1.4)."""
     norm_decay_mult: float = 0.0
     """Weight-decay multiplier of every encoder LayerNorm parameter."""
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -213,31 +215,31 @@ class OptimConfig:
 @dataclass(frozen=True, kw_only=True)
 class ScheduleConfig:
     power: float = 1.0
-    """Poly exponent: lr(t) = (lr0 - min_lr)·(1 - t/max_iters)^power + min_lr per group (recipe §1.5: 1)."""
+    """Poly exponent: lr(t) = (lr0 - min_lr)·(1 - t/max_iters)^power + min_lr per group (docs/recipe.md §1.5: 1)."""
     min_lr: float = 0.0
     """Poly end value, not clipped to a group's lr0: the no-warmup ablation's 1e-4 makes the backbone lr rise
-    (recipe §1.5)."""
+    (docs/recipe.md §1.5)."""
     warmup: Literal["linear", "none"] = "linear"
-    """linear = the recipe's warmup (recipe §1.5); none = the poly schedule alone."""
+    """linear = the recipe's warmup (docs/recipe.md §1.5); none = the poly schedule alone."""
     warmup_iters: int = 1500
-    """Iterations t < warmup_iters are warmed up (recipe §1.5: 1500)."""
+    """Iterations t < warmup_iters are warmed up (docs/recipe.md §1.5: 1500)."""
     warmup_ratio: float = 1e-6
     """Warmup factor at t = 0: for t < warmup_iters the lr is poly(t)·(1 - (1 - t/warmup_iters)·(1 - ratio)),
-    scaling the already decayed poly value (recipe §1.5: 1e-6)."""
+    scaling the already decayed poly value (docs/recipe.md §1.5: 1e-6)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     max_iters: int = 40000
-    """Training iterations t = 0 .. max_iters - 1, also the poly schedule's length (recipe §1.1: 40 000)."""
+    """Training iterations t = 0 .. max_iters - 1, also the poly schedule's length (docs/recipe.md §1.1: 40 000)."""
     log_interval: int = 50
     """Every this many iterations (and at the end) one host read of the interval's mean losses: a metrics.jsonl row,
-    TensorBoard, the progress bar, the non-finite check (recipe §2.8: 50)."""
+    TensorBoard, the progress bar, the non-finite check (docs/recipe.md §2.8: 50)."""
     eval_interval: int = 4000
-    """Every this many iterations and at the end, the student's mIoU on `data.val` (recipe §5: 4000)."""
+    """Every this many iterations and at the end, the student's mIoU on `data.val` (docs/recipe.md §5: 4000)."""
     checkpoint_interval: int = 40000
     """Every this many iterations, at the end and on SIGTERM, `work_dir/iter_<t>.pth`; the recipe saves one at
-    40 000 (recipe §1.1)."""
+    40 000 (docs/recipe.md §1.1)."""
     keep_checkpoints: int = 1
     """How many of the newest iter_*.pth files to keep; older ones are deleted after each save."""
     seed: int = 0
@@ -248,13 +250,13 @@ class TrainConfig:
     looks for checkpoints here."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 = bfloat16 autocast around the step's forward passes and losses (and evaluation on CUDA). The recipe
-    trains in fp32; mixed precision is a recipe change (recipe §1.2, §8b)."""
+    trains in fp32; mixed precision is a recipe change (docs/recipe.md §1.2, §8b)."""
     compile: bool = False
     """Compile the student, the teacher and the ImageNet encoder in place (`nn.Module.compile`, in
     `daformer_fast.build.build_training`), on either path."""
     deterministic: bool = False
     """Call `torch.use_deterministic_algorithms(True)` at the start of training (ops without a deterministic
-    implementation then raise). The recipe runs non-deterministic (recipe §1.2, §2.10)."""
+    implementation then raise). The recipe runs non-deterministic (docs/recipe.md §1.2, §2.10)."""
     device: str = "auto"
     """auto = cuda when available, else cpu; or an explicit torch device string."""
     path: Literal["fast", "original"] = "fast"
@@ -277,15 +279,15 @@ class KernelConfig:
 @dataclass(frozen=True, kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The segmentation network (recipe §1.2, §4)."""
+    """The segmentation network (docs/recipe.md §1.2, §4)."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Datasets, crops and loaders (recipe §1.6, §1.7, §3)."""
+    """Datasets, crops and loaders (docs/recipe.md §1.6, §1.7, §3)."""
     uda: UDAConfig = field(default_factory=UDAConfig)
-    """The self-training step (recipe §2)."""
+    """The self-training step (docs/recipe.md §2)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """AdamW and its parameter groups (recipe §1.4)."""
+    """AdamW and its parameter groups (docs/recipe.md §1.4)."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    """Learning-rate schedule (recipe §1.5)."""
+    """Learning-rate schedule (docs/recipe.md §1.5)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Run length, intervals, outputs, numerics and device."""
     kernels: KernelConfig = field(default_factory=KernelConfig)

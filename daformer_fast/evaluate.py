@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint's student on a validation/test split, or export its predictions (recipe §5).
+"""Evaluate a checkpoint's student on a validation/test split, or export its predictions (docs/recipe.md §5).
 
     python -m daformer_fast.evaluate configs/gta2cs.yaml --checkpoint work_dirs/run/latest.pth
     python -m daformer_fast.evaluate configs/cs2acdc.yaml --checkpoint ckpt.pth --split test --format-only
@@ -45,7 +45,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--label-ids", action="store_true", help="with --format-only: Cityscapes label ids, not trainIds")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward (equal-size images only)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (a deviation from the fp32 reference)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (a deviation from the original's fp32)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images (smoke tests)")
     args = p.parse_args(argv)
     if args.batch_size < 1:

@@ -1,9 +1,9 @@
 """The paper's experiment sets as generated configs: `python -m daformer_fast.experiments --exp ID`.
 
 IDs 1–8 are the tables of the DAFormer paper (CVPR 2022) and its CS→ACDC / CS→DarkZurich extension; 100 and 101
-are two-iteration smoke sets (recipe §6.3). Each set is a list of runs described in the reference's vocabulary
-(architecture, backbone, UDA variant, RCS temperature, PL crop, schedule, seed) and named with the reference's
-rule (recipe §6.2), so work dirs line up with the paper's tables. A run becomes a YAML file holding only the
+are two-iteration smoke sets (docs/recipe.md §6.3). Each set is a list of runs described in the original's vocabulary
+(architecture, backbone, UDA variant, RCS temperature, PL crop, schedule, seed) and named with the original's
+rule (docs/recipe.md §6.2), so work dirs line up with the paper's tables. A run becomes a YAML file holding only the
 fields that differ from `daformer_fast.config` defaults (the defaults are the final GTA→CS DAFormer setting).
 
 Runs whose architecture or encoder daformer_fast does not implement (CNN encoders, DeepLab/DANet/ISANet/UperNet
@@ -88,14 +88,14 @@ _PAIRS: dict[tuple[str, str], dict[str, DatasetConfig]] = {
 }
 
 BASELINE_NOTE = (
-    "known deviation: the reference's source-only/target-only loaders add PhotoMetricDistortion; "
+    "known deviation: the original's source-only/target-only loaders add PhotoMetricDistortion; "
     "DataConfig has no photometric loader augmentation, so these baselines train without it"
 )
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run of an experiment set, in the reference's vocabulary (recipe §6.2)."""
+    """One run of an experiment set, in the original's vocabulary (docs/recipe.md §6.2)."""
 
     exp: int
     source: str
@@ -116,7 +116,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        # RCS and PL crop only mean something for self-training; the reference omits them for the baselines.
+        # RCS and PL crop only mean something for self-training; the original omits them for the baselines.
         uda = self.uda
         if self.is_dacs and self.rcs_temp is not None:
             uda += f"_rcs{self.rcs_temp}"
@@ -152,7 +152,7 @@ _FULL = "dacs_a999_fdthings"
 
 
 def experiment_runs(exp: int) -> list[Run]:
-    """The runs of one experiment set, in the reference's order (recipe §6.3)."""
+    """The runs of one experiment set, in the original's order (docs/recipe.md §6.3)."""
     if exp == 1:  # Tab. 1: architectures × {source-only, DACS, oracle}
         models = [("dlv2red", "r101v1c"), ("da_nodbn", "r101v1c"), ("isa_nodbn", "r101v1c"),
                   ("dlv3p_nodbn", "r101v1c"), ("segformer", "mitb5")]  # fmt: skip
@@ -201,7 +201,7 @@ def experiment_runs(exp: int) -> list[Run]:
 
 
 def _uda_delta(run: Run) -> dict[str, Any]:
-    """uda.* and data.rcs.* of a run; the reference's `_base_/uda/dacs*.py` files as deltas from the final recipe."""
+    """uda.* and data.rcs.* of a run; the original's `_base_/uda/dacs*.py` files as deltas from the final recipe."""
     if not run.is_dacs:
         mode = run.uda.replace("-", "_")
         # The baselines are plain supervised training: no FD loss, no RCS, no pseudo-labels.
@@ -228,7 +228,7 @@ def build_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     if run.schedule == "poly10warm":
         schedule: dict[str, Any] = {}
     elif run.schedule == "poly10":
-        # No warmup and min_lr 1e-4, literally as the reference ablation (recipe §1.5): the backbone lr rises.
+        # No warmup and min_lr 1e-4, literally as the original's ablation (docs/recipe.md §1.5): the backbone lr rises.
         schedule = {"warmup": "none", "min_lr": 1e-4}
     else:
         raise ValueError(f"unknown schedule {run.schedule!r}")
@@ -236,7 +236,7 @@ def build_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     data: dict[str, Any] = {k: dataclasses.asdict(v) for k, v in _PAIRS[(run.source, run.target)].items()}
     data["rcs"] = uda["rcs"]
     # Reference runner (§6.2): checkpoint at the end, evaluate 10 times; the 2-iteration smoke sets use an
-    # evaluation interval of 100 as the reference does, so they never evaluate mid-run.
+    # evaluation interval of 100 as the original does, so they never evaluate mid-run.
     eval_interval = run.iters // 10 if run.iters >= 10 else 100
     values = {
         "model": {"backbone": backbone, "decoder": _ARCHITECTURES[run.architecture][0],

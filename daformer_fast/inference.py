@@ -1,14 +1,15 @@
-"""Whole-image inference as the reference evaluates (recipe §5): the prediction stream, the confusion matrix, PNGs.
+"""Whole-image inference as the original evaluates (docs/recipe.md §5): the prediction stream, the confusion matrix,
+PNGs.
 
     conf_KK = evaluate(model, samples, cfg.data.val.scale, cfg.model.num_classes, device)
     for sample, img_HW3, label_HW, pred_HW in iter_predictions(model, samples, scale, device, with_labels=False):
         save_prediction_png(out / f"{sample.name}.png", pred_HW.cpu().numpy(), cfg.data.palette)
 
-Protocol of the reference (`mode='whole'`): every image is resized keep-ratio to the scale (cv2 bilinear on
+Protocol of the original (`mode='whole'`): every image is resized keep-ratio to the scale (cv2 bilinear on
 uint8), normalised with the ImageNet mean/std in RGB (`data.pipeline.normalize`, the same as training), the logits
 are upsampled bilinearly to the network input and then to the original size (`Segmentor.predict`), argmax; the
 confusion matrix is taken against the original-resolution label with 255 ignored. Images of equal size can be
-batched (the reference uses batch 1; results are the same because the model is in eval mode).
+batched (the original uses batch 1; results are the same because the model is in eval mode).
 
 Used by the trainer's periodic evaluation and by the evaluate and predict CLIs.
 """
@@ -117,7 +118,7 @@ def _run_batch(model: nn.Module, batch: list, device: torch.device, use_bf16: bo
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
     with torch.inference_mode(), autocast:
         logits_BKHW = model.predict(x_B3HW, out_size=out_size)
-        # The reference applies softmax before argmax; softmax is monotonic, so argmax of the logits is the same.
+        # The original applies softmax before argmax; softmax is monotonic, so argmax of the logits is the same.
         pred_BHW = logits_BKHW.argmax(dim=1)
     for i, (sample, (img, _, label)) in enumerate(batch):
         yield sample, img, label, pred_BHW[i]

@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix, as mmseg 0.16 `eval_metrics` reports them (recipe §5).
+"""Segmentation metrics from a confusion matrix, as mmseg 0.16 `eval_metrics` reports them (docs/recipe.md §5).
 
     conf_KK = confusion_matrix(pred_BHW, label_BHW, num_classes=19)     # on the GPU, accumulate with +=
     m = segmentation_metrics(conf_KK, CITYSCAPES_CLASSES, synthia=True)
@@ -65,7 +65,7 @@ def segmentation_metrics(
         zero union (IoU) or zero label pixels (Acc) has NaN.
     """
     conf_KK = conf.detach().cpu().numpy() if isinstance(conf, torch.Tensor) else np.asarray(conf)
-    conf_KK = conf_KK.astype(np.float64)  # the reference accumulates float64 histograms
+    conf_KK = conf_KK.astype(np.float64)  # the original accumulates float64 histograms
     num_classes = conf_KK.shape[0]
     if conf_KK.shape != (num_classes, num_classes) or len(class_names) != num_classes:
         raise ValueError(f"confusion matrix shape {conf_KK.shape} does not match {len(class_names)} class names")

@@ -1,4 +1,4 @@
-"""One DAFormer training iteration (recipe §2.2): the mean-teacher self-training step with ClassMix, strong
+"""One DAFormer training iteration (docs/recipe.md §2.2): the mean-teacher self-training step with ClassMix, strong
 augmentation, ImageNet feature distance and rare-class-sampled source batches, composed from the `uda/` stages.
 
     student, step, optimizer = build_training(cfg, device)    # daformer_fast.build
@@ -6,8 +6,8 @@ augmentation, ImageNet feature distance and rare-class-sampled source batches, c
 
 Two paths compute the same thing (`train.path`):
 - `fast`: batched stages, no host synchronisation inside the step, the source CE and FD backward fused into one
-  (author-endorsed, recipe §8b), ClassMix with colour jitter in one op and the blur in another (`ops.classmix_aug`),
-  fused AdamW whose update is skipped on the device when a gradient is non-finite.
+  (author-endorsed, docs/recipe.md §8b), ClassMix with colour jitter in one op and the blur in another
+  (`ops.classmix_aug`), fused AdamW whose update is skipped on the device when a gradient is non-finite.
 - `original`: the original's order — per-sample ClassMix and augmentation loops, three separate backward passes,
   the pseudo-label weight read back to the host, the for-loop AdamW — with plain-PyTorch ops throughout.
 `train.precision=bf16` (autocast) and `train.compile` apply to either path (the original is fp32 eager; the
@@ -52,7 +52,7 @@ def step_seed(seed: int, rank: int, t: int) -> int:
 
 
 def build_optimizer(optim: OptimConfig, student: Segmentor, fused: bool) -> torch.optim.AdamW:
-    """AdamW over the student only (recipe §1.4: the teacher and ImageNet copies never receive gradients); fused
+    """AdamW over the student only (docs/recipe.md §1.4: the teacher and ImageNet copies never receive gradients); fused
     (one kernel per step, on-device skip of non-finite updates) or torch's per-parameter loop as the original."""
     groups = param_groups(student, optim)
     opts = {"fused": True} if fused else {"foreach": False}
@@ -61,7 +61,8 @@ def build_optimizer(optim: OptimConfig, student: Segmentor, fused: bool) -> torc
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` that receives no gradients: the EMA teacher of the student, or the ImageNet encoder of the
-    feature distance (a copy of the encoder as initialised, i.e. the ImageNet weights when `model.pretrained` is set)."""
+    feature distance (a copy of the encoder as initialised, i.e. the ImageNet weights when `model.pretrained` is
+    set)."""
     copy_ = copy.deepcopy(module)
     for p in copy_.parameters():
         p.requires_grad_(False)
@@ -129,7 +130,7 @@ class UDAStep:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _images(self, batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-        """Normalised images on the device; padding (images smaller than the crop) exactly 0, as the reference."""
+        """Normalised images on the device; padding (images smaller than the crop) exactly 0, as the original."""
         valid = batch.get("target_valid_hw" if key == "target_img" else "valid_hw")
         return normalize(batch[key].to(self.device, non_blocking=True), valid)
 

@@ -2,7 +2,7 @@
 
     metrics = train(load_config("configs/demo.yaml"), resume="auto")
 
-Per iteration t: the loaders' batch t (drawn from (seed, rank, t)) → `UDAStep` (recipe §2.2) → every
+Per iteration t: the loaders' batch t (drawn from (seed, rank, t)) → `UDAStep` (docs/recipe.md §2.2) → every
 `log_interval` one host read of the accumulated losses → `metrics.jsonl`, TensorBoard, the progress bar; every
 `eval_interval` and at the end the student's mIoU on `data.val` (sharded over ranks, confusion matrices summed);
 every `checkpoint_interval` and at the end an atomic checkpoint. SIGTERM finishes the step, checkpoints and
@@ -155,7 +155,7 @@ class Trainer(contextlib.ExitStack):
         return self.d.main and self.cfg.uda.mode == "dacs" and every > 0 and t % every == 0
 
     def _save_debug(self, t: int, panels: dict) -> None:
-        """Debug grids outside the step (recipe §2.9); a drawing problem never stops training."""
+        """Debug grids outside the step (docs/recipe.md §2.9); a drawing problem never stops training."""
         try:
             save_debug_grids(self.work_dir / "class_mix_debug", t, panels, self.cfg.data.palette)
         except Exception as e:  # noqa: BLE001 — diagnostics only

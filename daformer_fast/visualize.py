@@ -1,6 +1,6 @@
-"""Debug image grids of one UDA training step (recipe §2.9), with PIL and numpy only.
+"""Debug image grids of one UDA training step (docs/recipe.md §2.9), with PIL and numpy only.
 
-The reference saves, every 1000 iterations, one 2×5 matplotlib figure per batch element to
+The original saves, every 1000 iterations, one 2×5 matplotlib figure per batch element to
 `<work_dir>/class_mix_debug/{iter+1:06d}_{j}.png`: source image, target image, source GT, target pseudo-label,
 mixed image, mix mask, mixed label, pseudo weight (grey, 0..1), FD mask and the downscaled GT used for FD.
 `save_debug_grids` writes the same grid from whatever panels the caller passes, in the caller's order:
@@ -16,7 +16,7 @@ an integer (B,H,W) = a label map (coloured with `palette`; 255 and any value wit
 or floating (B,H,W) = a mask or weight, drawn grey from 0 (black) to 1 (white). `kinds` overrides the guess
 (e.g. a mix mask stored as int64). Panels at a lower resolution (the FD mask is 1/32 of the crop) are
 upsampled by nearest neighbour to the largest panel size; None panels are skipped. Everything is copied to the
-CPU here, which synchronises with the device: call it outside the training step (the reference plots inside it).
+CPU here, which synchronises with the device: call it outside the training step (the original plots inside it).
 
 Legend: B batch, H/W crop size, h/w a panel's own size.
 """
@@ -124,17 +124,17 @@ def save_debug_grids(
     ncols: int = 5,
     titles: bool = True,
 ) -> list[Path]:
-    """Write one grid PNG per batch element, `<out_dir>/{step+1:06d}_{j}.png` (the reference's names).
+    """Write one grid PNG per batch element, `<out_dir>/{step+1:06d}_{j}.png` (the original's names).
 
     Args:
         out_dir: created if missing.
-        step: the 0-based iteration; files are numbered step + 1 as in the reference.
+        step: the 0-based iteration; files are numbered step + 1 as in the original.
         panels: panel title → tensor (module docstring for the kinds); None entries are skipped. All panels
             have the same batch size.
         palette: RGB colour per class (`cfg.data.palette`).
         mean, std: the normalisation the images went through (RGB, 0..255 scale).
         kinds: per-panel kind overrides.
-        ncols: panels per row (the reference: 5).
+        ncols: panels per row (the original: 5).
         titles: draw each panel's name above it.
 
     Returns:

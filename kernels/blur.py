@@ -1,4 +1,4 @@
-"""Per-sample separable Gaussian blur with reflect borders (DAFormer recipe §2.5 step 3), two passes.
+"""Per-sample separable Gaussian blur with reflect borders (docs/recipe.md §2.5 step 3), two passes.
 
 Every image of the batch has its own σ (same in y and x); the taps are `ops.augment.gaussian_kernel1d` rows, one
 per sample, ky = kx = 51 at 512² (largest odd ≤ ceil(0.1·size)). The reference (`ops.classmix_aug.gaussian_blur_ref`)

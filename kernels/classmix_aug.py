@@ -1,4 +1,4 @@
-"""ClassMix and colour jitter of DACS's mixed batch in one pointwise pass (DAFormer recipe §2.4, §2.5 steps 1-2).
+"""ClassMix and colour jitter of DACS's mixed batch in one pointwise pass (docs/recipe.md §2.4, §2.5 steps 1-2).
 
 Per pixel p of sample i the kernel looks up the ClassMix mask in the (B, 256) table of classes chosen for sample i,
 m = chosen[i, gt[i, p]], and writes

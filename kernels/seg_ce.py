@@ -1,6 +1,6 @@
 """Pixel-weighted cross-entropy on bilinearly upsampled logits, forward and backward fused with the upsample.
 
-The loss is mmseg 0.16's (DAFormer recipe §2.6), on logits upsampled with align_corners=False to the label size:
+The loss is mmseg 0.16's (docs/recipe.md §2.6), on logits upsampled with align_corners=False to the label size:
 
     L = Σ_px w_px · CE_px · [y_px ≠ ignore] / (B·H·W),   CE_px = logsumexp_k v_k,px − v_y,px
 

@@ -1,4 +1,5 @@
-"""Dataset converters (recipe §3.3): train-id files and the three RCS JSON files against hand-computed values."""
+"""Dataset converters (docs/recipe.md §3.3): train-id files and the three RCS JSON files against hand-computed
+values."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A custom `folder` dataset with 5 classes, end to end: converter → RCS statistics → sampler → torch loader batch.
 
 Images are 160×96, resized to 80×48 and cropped at 64×64, so every crop is padded (rows 48..63): the padding must
-be label 255 and, after `normalize`, image 0, as in the reference (Pad after Normalize, recipe §1.3).
+be label 255 and, after `normalize`, image 0, as in the reference (Pad after Normalize, docs/recipe.md §1.3).
 """
 
 from __future__ import annotations

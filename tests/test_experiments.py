@@ -1,4 +1,5 @@
-"""Experiment sets (recipe §6): names, generated deltas that load back, unavailable runs reported with counts."""
+"""Experiment sets (docs/recipe.md §6): names, generated deltas that load back, unavailable runs reported with
+counts."""
 
 import math
 import sys

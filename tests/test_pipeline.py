@@ -1,4 +1,4 @@
-"""Deterministic sample transforms (recipe §1.3, §1.6): keep-ratio resize, crop/flip/pad, normalisation."""
+"""Deterministic sample transforms (docs/recipe.md §1.3, §1.6): keep-ratio resize, crop/flip/pad, normalisation."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_normalize():
 
 
 def test_normalize_zeroes_padding():
-    """The reference pads after Normalize with 0 (recipe §1.3): padded pixels are exactly 0, not -mean/std."""
+    """The reference pads after Normalize with 0 (docs/recipe.md §1.3): padded pixels are exactly 0, not -mean/std."""
     x = torch.randint(0, 256, (3, 3, 5, 6), dtype=torch.uint8)
     valid = torch.tensor([[5, 6], [3, 6], [2, 4]])  # sample 0 unpadded; 1 padded below; 2 below and right
     out = normalize(x, valid)

@@ -1,4 +1,5 @@
-"""Crop rules of the sample plan (recipe §1.6, §3.1–3.2), replayed by hand from the same Generator; item plans."""
+"""Crop rules of the sample plan (docs/recipe.md §1.6, §3.1–3.2), replayed by hand from the same Generator; item
+plans."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Rare Class Sampling (recipe §3.1-3.2): class probabilities, candidate lists and empirical sampling frequencies."""
+"""Rare Class Sampling (docs/recipe.md §3.1-3.2): class probabilities, candidate lists and empirical sampling
+frequencies."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def _cfg(path="fast", mode="dacs", kernels="auto", **train):
         "model": {"backbone": "mit_b0", "pretrained": None},
         "kernels": {"impl": kernels},
         # A low threshold so that a random teacher yields a non-zero pseudo-label weight; PL crop scaled to 64 rows.
-        "uda": {"mode": mode, "pseudo_threshold": 0.06, "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8},
+        "uda": {"mode": mode, "pseudo_threshold": 0.06,
+                "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8},
         "train": {"max_iters": 4000, "path": path, **train},
     })  # fmt: skip
 

@@ -51,7 +51,7 @@ def _gen(seed: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# EMA (recipe §2.2 step 1)
+# EMA (docs/recipe.md §2.2 step 1)
 
 
 @pytest.mark.parametrize("t,expected", [(0, 0.0), (1, 0.5), (9, 0.9), (99, 0.99), (999, 0.999), (5000, 0.999)])
@@ -88,7 +88,7 @@ def test_update_ema_parameters_only():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LR schedule (recipe §1.5)
+# LR schedule (docs/recipe.md §1.5)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_set_lrs_uses_initial_lr():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss normalisation (recipe §2.6)
+# Loss normalisation (docs/recipe.md §2.6)
 
 
 def _hand_logits():
@@ -170,7 +170,7 @@ def test_acc_seg_counts_ignored_as_wrong():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Pseudo-labels (recipe §2.3)
+# Pseudo-labels (docs/recipe.md §2.3)
 
 
 def _pseudo_logits():
@@ -209,7 +209,7 @@ def test_pseudo_label_upsamples_before_softmax():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ClassMix (recipe §2.4)
+# ClassMix (docs/recipe.md §2.4)
 
 
 def class_masks(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -287,7 +287,7 @@ def test_mix_images_labels_weights():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Colour jitter (recipe §2.5) against kornia 0.5.8
+# Colour jitter (docs/recipe.md §2.5) against kornia 0.5.8
 
 
 def _test_image(B=3, H=12, W=10, seed=0):
@@ -359,7 +359,7 @@ def test_color_jitter_original_equals_batched():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gaussian blur (recipe §2.5)
+# Gaussian blur (docs/recipe.md §2.5)
 
 
 def test_blur_kernel_size():
@@ -511,7 +511,7 @@ def test_fast_mixed_batch_equals_original_order():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ImageNet feature distance (recipe §2.7)
+# ImageNet feature distance (docs/recipe.md §2.7)
 
 
 def _fd_label():

@@ -1,4 +1,5 @@
-"""Debug image grids (recipe §2.9): file names, grid geometry, label colours, de-normalisation, mask upsampling."""
+"""Debug image grids (docs/recipe.md §2.9): file names, grid geometry, label colours, de-normalisation, mask
+upsampling."""
 
 from __future__ import annotations
 

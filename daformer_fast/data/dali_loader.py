@@ -14,7 +14,7 @@ Division of work:
   parameter, so the CPU graph the tests run is the graph the GPU runs.
 
 Resize, bit-exact with OpenCV. `fn.resize` (linear, antialias off) interpolates in float and rounds to
-nearest; OpenCV's `INTER_LINEAR` on uint8 (what the reference and the torch loader use) is a fixed-point
+nearest; OpenCV's `INTER_LINEAR` on uint8 (what the original and the torch loader use) is a fixed-point
 algorithm: 11-bit weights rounded from float32 positions, an exact integer horizontal pass
 T = a0·S[x0] + a1·S[x1], then a vertical pass ((T0>>4)·b0>>16 + (T1>>4)·b1>>16 + 2)>>2 that truncates twice.
 It is about 1/8 of a grey level darker on average, and `fn.resize` differs from it by ±1 on ~12 % of pixels.
@@ -24,7 +24,7 @@ columns/rows and integer weights of every output pixel exactly as OpenCV does, D
 integer formula with arithmetic operators. That equals `cv2.resize` bit for bit (checked on OpenCV 5.0 for
 down- and up-scaling, odd sizes, and the exact 2× case where OpenCV switches to INTER_AREA, which gives the same
 values). It reproduces OpenCV's SIMD code path (every x86/ARM build); an OpenCV built without SIMD rounds
-differently and the torch loader itself would then differ from the reference. `resize="fast"` uses one
+differently and the torch loader itself would then differ from the original. `resize="fast"` uses one
 `fn.resize` over the crop's source window instead: fewer operators, ±1 grey level from OpenCV.
 
 Differences from the torch loader, by design: an image whose header reads but whose data is corrupt is not

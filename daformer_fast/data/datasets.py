@@ -1,6 +1,6 @@
-"""Dataset file lists for the folder layouts of the DAFormer reference, image/label reading, keep-ratio resize.
+"""Dataset file lists for the folder layouts of the original DAFormer code, image/label reading, keep-ratio resize.
 
-Layouts (recipe §1.7; `root` = `DatasetConfig.root`, `split` = `DatasetConfig.split`, all scans recursive):
+Layouts (docs/recipe.md §1.7; `root` = `DatasetConfig.root`, `split` = `DatasetConfig.split`, all scans recursive):
 
     gta         images/**/*.png                          labels/**/<stem>_labelTrainIds.png
     synthia     RGB/**/*.png                             GT/LABELS/**/<stem>_labelTrainIds.png
@@ -12,11 +12,11 @@ Layouts (recipe §1.7; `root` = `DatasetConfig.root`, `split` = `DatasetConfig.s
 
 `<stem>` is the image file name without the image suffix; the label sits in the same relative sub-folder.
 Hidden files and `*.tmp.png` leftovers of an interrupted conversion are never samples.
-`img_suffix` / `label_suffix` in the config replace the layout's defaults. Unlike the reference (mmcv `scandir`,
+`img_suffix` / `label_suffix` in the config replace the layout's defaults. Unlike the original (mmcv `scandir`,
 OS order) the lists are sorted, so runs do not depend on the file system.
 
-Reading follows recipe §1.3: images through OpenCV (BGR → RGB, uint8), labels through Pillow in their stored mode
-(a palette PNG gives its indices, not colours), cast to uint8. Resizing follows §1.6 (mmcv `imrescale`).
+Reading follows docs/recipe.md §1.3: images through OpenCV (BGR → RGB, uint8), labels through Pillow in their stored
+mode (a palette PNG gives its indices, not colours), cast to uint8. Resizing follows §1.6 (mmcv `imrescale`).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def list_samples(ds: DatasetConfig, need_labels: bool = True) -> list[Sample]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 H×W×3 RGB image, decoded with OpenCV as the reference does."""
+    """uint8 H×W×3 RGB image, decoded with OpenCV as the original does."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"cannot read image {path}")
@@ -154,19 +154,19 @@ def read_label(path: str | Path) -> np.ndarray:
         raise DatasetError(f"cannot read label {path}: {e}") from None
     lbl = np.squeeze(lbl) if lbl.ndim == 3 and lbl.shape[2] == 1 else lbl
     if lbl.ndim != 2:
-        # An RGB colour label would otherwise be silently cast to garbage ids; the reference expects trainId files.
+        # An RGB colour label would otherwise be silently cast to garbage ids; the original expects trainId files.
         raise DatasetError(f"label {path} has shape {lbl.shape}; expected a single-channel trainId image")
     return lbl.astype(np.uint8, copy=False)
 
 
 def rescale_size(w: int, h: int, scale: tuple[int, int] | list[int]) -> tuple[int, int]:
-    """Keep-ratio size (new_w, new_h) for a (long, short) `scale`, mmcv `imrescale` rule (recipe §1.6)."""
+    """Keep-ratio size (new_w, new_h) for a (long, short) `scale`, mmcv `imrescale` rule (docs/recipe.md §1.6)."""
     factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
     return int(w * factor + 0.5), int(h * factor + 0.5)
 
 
 def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 image to `size` = (w, h) (cv2 INTER_LINEAR, as the reference)."""
+    """Bilinear resize of a uint8 image to `size` = (w, h) (cv2 INTER_LINEAR, as the original)."""
     if (img.shape[1], img.shape[0]) == tuple(size):
         return img
     return cv2.resize(img, tuple(size), interpolation=cv2.INTER_LINEAR)

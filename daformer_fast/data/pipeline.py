@@ -1,10 +1,10 @@
-"""Deterministic transforms of a training sample (recipe §1.6): keep-ratio resize, crop/flip/pad, normalisation.
+"""Deterministic transforms of a training sample (docs/recipe.md §1.6): keep-ratio resize, crop/flip/pad, normalisation.
 
 The random decisions (which sample, crop box, flip) are `plan`'s; this module only applies them.
 
 Normalisation with the ImageNet mean/std happens on the device (`normalize`), after batching, so loaders move
-uint8 (4× less data); training and evaluation share it. The reference pads *after* Normalize, with 0 (recipe §1.3,
-§1.6), so a padded pixel is 0, not (0 − mean)/std; the uint8 crop is padded with 0 here and `normalize` sets the
+uint8 (4× less data); training and evaluation share it. The original pads *after* Normalize, with 0 (docs/recipe.md
+§1.3, §1.6), so a padded pixel is 0, not (0 − mean)/std; the uint8 crop is padded with 0 here and `normalize` sets the
 padding to 0 from the loaders' `valid_hw` (padding is always at the bottom and right).
 """
 
@@ -22,7 +22,7 @@ __all__ = ["IGNORE", "IMAGENET_MEAN", "IMAGENET_STD", "apply_crop", "normalize",
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
-"""RGB statistics of the reference's Normalize (recipe §1.3), in 0..255 units."""
+"""RGB statistics of the original's Normalize (docs/recipe.md §1.3), in 0..255 units."""
 IGNORE = 255
 """Label value of unlabelled pixels and of label padding."""
 
@@ -73,7 +73,7 @@ def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -
         img_B3HW: a loader's `img` or `target_img`. A (B, H, W, 3) uint8 batch such as evaluation's may be passed
             as `x_BHW3.permute(0, 3, 1, 2)`: the result is contiguous (B, 3, H, W) either way.
         valid_hw_B2: the matching `valid_hw` / `target_valid_hw`: per sample, the (h, w) of real pixels. Pixels
-            below or right of it are padding and come out exactly 0, as in the reference, which pads the
+            below or right of it are padding and come out exactly 0, as in the original, which pads the
             normalised image with 0. None: no padding.
     """
     mean, _ = _norm_stats(img_B3HW.device)

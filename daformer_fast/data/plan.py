@@ -9,14 +9,14 @@ whatever the number of workers, and ranks draw different batches. The draws of o
    unreadable file is skipped with a warning and the sample drawn again, `MAX_SAMPLE_DRAWS` draws at most
    (`data.strict`: the first unreadable file stops the run). Bad data that skipping would hide (image/label size
    mismatch, label values that are not train ids) always stops the run.
-2. The crop box on the keep-ratio resized image (mmseg RandomCrop, recipe §1.6): offsets uniform in
+2. The crop box on the keep-ratio resized image (mmseg RandomCrop, docs/recipe.md §1.6): offsets uniform in
    [0, H−h] × [0, W−w], y first. With `cat_max_ratio` < 1 (labelled side only; target crops never look at
    labels) the crop is checked up to `CAT_MAX_CHECKS` times — accepted when, ignoring 255, it holds more than one
    class and the most frequent class covers less than `cat_max_ratio` of the rest — and each failed check draws
    a new box; the box after the last failed check is used unchecked.
 3. The flip: `rng.random() < flip_prob`.
 4. With RCS, steps 2–3 run again on the same resized image, up to `RCS_CHECKS` checks, until the crop holds more
-   than `min_pixels · min_crop_ratio` pixels of the sampled class (recipe §3.1–3.2). The reference re-decodes
+   than `min_pixels · min_crop_ratio` pixels of the sampled class (docs/recipe.md §3.1–3.2). The original re-decodes
    and re-resizes the image for every retry; resizing is deterministic, so resizing once gives identical crops.
 
 `ItemPlanner.plan(k)` returns those decisions as an `ItemPlan`; a loader only executes it: `torch_loader` with
@@ -27,7 +27,7 @@ The planner reads every label itself (the crop rules need the resized label) and
 executor's `ImageReader`: the torch loader decodes the image there, so an image that does not decode is skipped;
 DALI reads only the header and decodes later.
 
-Without RCS, the reference draws (source, target) pairs from a shuffled |S|·|T| product; here each is drawn
+Without RCS, the original draws (source, target) pairs from a shuffled |S|·|T| product; here each is drawn
 uniformly and independently per item, which has the same distribution for a run of 40k iterations.
 
 Legend: H/W resized image size, h/w crop size; boxes are (y0, y1, x0, x1).
@@ -71,11 +71,11 @@ Mode = Literal["dacs", "source_only", "target_only"]
 
 MAX_SAMPLE_DRAWS = 10
 """Sample draws of one side before unreadable files stop the run: a damaged dataset fails with a clear error
-instead of redrawing forever (the reference has no such rule: it stops at the first unreadable file)."""
+instead of redrawing forever (the original has no such rule: it stops at the first unreadable file)."""
 CAT_MAX_CHECKS = 10
-"""`cat_max_ratio` checks of one crop (mmseg RandomCrop's 10, recipe §1.6); at most 11 boxes are drawn."""
+"""`cat_max_ratio` checks of one crop (mmseg RandomCrop's 10, docs/recipe.md §1.6); at most 11 boxes are drawn."""
 RCS_CHECKS = 10
-"""Rare-class checks of one crop (the reference's 10, recipe §3.1–3.2); at most 11 crops and flips are drawn."""
+"""Rare-class checks of one crop (the original's 10, docs/recipe.md §3.1–3.2); at most 11 crops and flips are drawn."""
 
 ImageReader = Callable[[Path], tuple[tuple[int, int], "np.ndarray | None"]]
 """Reads an image far enough to know its (h, w) after EXIF orientation: returns (h, w) and the decoded uint8 RGB
@@ -199,7 +199,7 @@ class SidePlan:
     src_hw: tuple[int, int]
     """(h, w) of the image file (after EXIF orientation)."""
     size_hw: tuple[int, int]
-    """(h, w) after the keep-ratio resize (recipe §1.6)."""
+    """(h, w) after the keep-ratio resize (docs/recipe.md §1.6)."""
     box: tuple[int, int, int, int]
     """(y0, y1, x0, x1) in the resized image, clipped to it; the rest of the crop is padding (bottom/right)."""
     flip: bool

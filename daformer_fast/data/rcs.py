@@ -1,17 +1,17 @@
-"""Rare Class Sampling (DAFormer, Sec. 3.3; recipe §3.1–3.2).
+"""Rare Class Sampling (DAFormer, Sec. 3.3; docs/recipe.md §3.1–3.2).
 
 From the source dataset's `sample_class_stats.json` (per-image pixel counts at the original label resolution):
 
-    f_c  = n_c / Σ_c' n_c'               (normalised by all labelled pixels, as the reference code does)
+    f_c  = n_c / Σ_c' n_c'               (normalised by all labelled pixels, as the original code does)
     P(c) ∝ exp((1 − f_c) / T)  ≡  exp(−f_c / T)
 
 Sampling one source item: draw c ~ P, then an image uniformly among those with more than `min_pixels` pixels of
 c; the crop of that image is re-drawn (same image) up to `plan.RCS_CHECKS` = 10 times until it holds more
 than `min_pixels · min_crop_ratio` pixels of c (checked by the sample plan, `plan.draw_crop`). Only classes that
 occur at least once enter P (Synthia has no terrain, truck or train). JSON entries are matched to dataset
-samples by the label file's base name only (the Cityscapes city folder is ignored), as in the reference.
+samples by the label file's base name only (the Cityscapes city folder is ignored), as in the original.
 
-`min_pixels` counts pixels at the label's original resolution; the reference's 3000 is tuned to GTA's 1914×1052
+`min_pixels` counts pixels at the label's original resolution; the original's 3000 is tuned to GTA's 1914×1052
 labels (0.15 % of an image). For other image sizes `suggest_min_pixels` keeps that fraction:
 round(3000 · mean label area / (1914 · 1052)), at least 1. `convert_datasets folder` prints it, and the error
 raised when no image passes the threshold names it.
@@ -31,7 +31,7 @@ from daformer_fast.data.datasets import DatasetError, Sample
 
 __all__ = [
     "GTA_LABEL_AREA",
-    "REFERENCE_MIN_PIXELS",
+    "PAPER_MIN_PIXELS",
     "RareClassSampler",
     "class_probabilities",
     "load_class_stats",
@@ -39,13 +39,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("daformer_fast.data")
-REFERENCE_MIN_PIXELS = 3000
+PAPER_MIN_PIXELS = 3000
 GTA_LABEL_AREA = 1914 * 1052
 
 
 def suggest_min_pixels(mean_label_area: float) -> int:
-    """The reference's 3000-pixel RCS threshold scaled from GTA's label area to `mean_label_area` (module docstring)."""
-    return max(1, round(REFERENCE_MIN_PIXELS * mean_label_area / GTA_LABEL_AREA))
+    """The original's 3000-pixel RCS threshold scaled from GTA's label area to `mean_label_area` (module docstring)."""
+    return max(1, round(PAPER_MIN_PIXELS * mean_label_area / GTA_LABEL_AREA))
 
 
 def _min_pixels_hint(samples: list[Sample], limit: int = 32) -> str:
@@ -83,7 +83,8 @@ def load_class_stats(root: str | Path) -> list[dict]:
 
 
 def class_probabilities(stats: list[dict], temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(classes, P) over the classes present in `stats`, classes ordered by ascending frequency (reference order)."""
+    """(classes, P) over the classes present in `stats`, classes ordered by ascending frequency (the original's
+    order)."""
     totals: dict[int, int] = {}
     for s in stats:
         for c, n in s.items():
@@ -121,11 +122,11 @@ class RareClassSampler:
             if i is None:
                 continue  # a statistics entry for a file that is not in this dataset (e.g. a filtered split)
             for c, n in s.items():
-                if c != "file" and int(n) > min_pixels:  # strict, as the reference
+                if c != "file" and int(n) > min_pixels:  # strict, as the original
                     candidates.setdefault(int(c), []).append(i)
         classes, probs = class_probabilities(stats, temperature)
         # Classes present in the data but never above min_pixels in one image cannot be sampled; drop them and
-        # renormalise (the reference would fail on an empty candidate list).
+        # renormalise (the original would fail on an empty candidate list).
         keep = np.array([int(c) in candidates for c in classes])
         if not keep.any():
             raise DatasetError(

@@ -11,7 +11,7 @@ uint8 (B,3,h,w) in `dacs` mode, `rcs_class` int64 (B,) (−1 without RCS), `fail
 unreadable files skipped while drawing each sample, `valid_hw` int64 (B,2) the (h, w) of real pixels in each `img`
 (less than the crop only for images smaller than the crop, padded at the bottom/right), and `target_valid_hw`
 likewise for `target_img`. Normalisation happens on the device: `pipeline.normalize(batch["img"],
-batch["valid_hw"])`, which also zeroes the padding as the reference does.
+batch["valid_hw"])`, which also zeroes the padding as the original does.
 """
 
 from __future__ import annotations

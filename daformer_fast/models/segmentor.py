@@ -36,7 +36,7 @@ class Segmentor(nn.Module):
 
     @torch.no_grad()
     def predict(self, x_B3HW: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Whole-image inference as the reference evaluates: logits upsampled bilinearly to the network input,
+        """Whole-image inference as the original evaluates: logits upsampled bilinearly to the network input,
         then (if `out_size` differs) to `out_size`; returns logits (B, K, *out_size)."""
         logits = F.interpolate(self(x_B3HW), size=x_B3HW.shape[-2:], mode="bilinear", align_corners=False)
         if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
@@ -94,13 +94,13 @@ def from_daformer_fast(obj: dict, part: str = "student") -> tuple[dict[str, torc
 
 
 def param_groups(model: Segmentor, cfg: OptimConfig) -> list[dict]:
-    """AdamW parameter groups of the reference (mmcv 1.3.7 paramwise rules with DAFormer's custom keys):
+    """AdamW parameter groups of the original (mmcv 1.3.7 paramwise rules with DAFormer's custom keys):
 
     - every decode-head parameter (BN affine and biases included): lr × head_lr_mult, weight decay;
     - every encoder LayerNorm parameter: base lr, weight decay × norm_decay_mult (0);
     - everything else in the encoder (weights and biases): base lr, weight decay.
 
-    The reference matches substrings `head` then `norm` of the dotted name; on this model that is exactly
+    The original matches substrings `head` then `norm` of the dotted name; on this model that is exactly
     "under decode_head" and "a LayerNorm of the encoder" (tested). Each group carries `name` and `initial_lr`,
     which the LR schedule scales.
     """

@@ -1,4 +1,5 @@
-"""The math of DACS's strong augmentation (recipe §2.5): kornia-0.5.8 colour jitter and the Gaussian blur's taps.
+"""The math of DACS's strong augmentation (docs/recipe.md §2.5): kornia-0.5.8 colour jitter and the Gaussian blur's
+taps.
 
 Semantics are those of kornia 0.5.8 as DAFormer calls it (`ColorJitter(0.2, 0.2, 0.2, 0.2)` and
 `GaussianBlur2d`), which differ from torchvision:

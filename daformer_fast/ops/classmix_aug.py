@@ -1,4 +1,5 @@
-"""DACS's mixed batch (recipe §2.4, §2.5): ClassMix with colour jitter in one op, and the per-sample Gaussian blur.
+"""DACS's mixed batch (docs/recipe.md §2.4, §2.5): ClassMix with colour jitter in one op, and the per-sample Gaussian
+blur.
 
 - `mix_and_jitter_ref`: mask = chosen_BV[i, gt] (`masks_from_chosen`), mix the normalised images, labels and
   weights (`mix`), colour jitter through [0, 1] (`ops.augment.jitter_normalised`) — the definition of

@@ -1,4 +1,4 @@
-"""Argmax pseudo-labels and the confident-pixel count from low-resolution teacher logits (recipe §2.2 step 5-6).
+"""Argmax pseudo-labels and the confident-pixel count from low-resolution teacher logits (docs/recipe.md §2.2 step 5-6).
 
 - `pseudo_label_argmax_ref`: the original's computation, bilinear upsample (align_corners=False) to the crop size,
   fp32 softmax, max/argmax over classes and the inclusive threshold count; the definition of correctness;

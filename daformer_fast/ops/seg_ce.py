@@ -1,4 +1,4 @@
-"""Pixel-weighted cross-entropy of bilinearly upsampled logits, mean over every label pixel (recipe §2.6).
+"""Pixel-weighted cross-entropy of bilinearly upsampled logits, mean over every label pixel (docs/recipe.md §2.6).
 
 - `seg_ce_ref`: the original's computation (mmseg 0.16 `CrossEntropyLoss` + `BaseDecodeHead.losses`): upsample
   (align_corners=False) to the label size, per-pixel CE with ignored pixels 0, times the optional weight, mean over

@@ -1,4 +1,4 @@
-"""Convert raw dataset labels to train ids and write the rare-class-sampling statistics (recipe §3.3).
+"""Convert raw dataset labels to train ids and write the rare-class-sampling statistics (docs/recipe.md §3.3).
 
     python -m daformer_fast.tools.convert_datasets gta ROOT [--nproc N]
     python -m daformer_fast.tools.convert_datasets synthia ROOT [--nproc N]
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from daformer_fast.data.rcs import GTA_LABEL_AREA, REFERENCE_MIN_PIXELS, suggest_min_pixels
+from daformer_fast.data.rcs import GTA_LABEL_AREA, PAPER_MIN_PIXELS, suggest_min_pixels
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAINID",
@@ -221,17 +221,17 @@ def _convert_pair(pair: tuple[Path, Path], read_ids, lut, num_classes: int) -> t
 
 
 def _print_min_pixels_hint(mean_area: float) -> None:
-    """The RCS threshold for this dataset: the reference's 3000 pixels are for GTA's 1914x1052 labels; on smaller
+    """The RCS threshold for this dataset: the original's 3000 pixels are for GTA's 1914x1052 labels; on smaller
     images no image might pass it, and RCS would sample only the few classes that still do."""
     n = suggest_min_pixels(mean_area)
     print(
         f"mean label area {mean_area:.0f} px ({mean_area / GTA_LABEL_AREA:.3g} x GTA's 1914x1052): "
-        f"set data.rcs.min_pixels: {n} (the reference's {REFERENCE_MIN_PIXELS} scaled by area)"
+        f"set data.rcs.min_pixels: {n} (the original's {PAPER_MIN_PIXELS} scaled by area)"
     )
 
 
 def _write_split_lists(root: Path) -> None:
-    """train.txt / val.txt / test.txt with `<city>/<name>` per image, as the reference writes (unused by training)."""
+    """train.txt / val.txt / test.txt with `<city>/<name>` per image, as the original writes (unused by training)."""
     for split in ("train", "val", "test"):
         folder = root / "leftImg8bit" / split
         if folder.is_dir():

@@ -1,5 +1,5 @@
-"""The stages of one DAFormer/DACS self-training step (recipe §2), as functions of tensors, configs and host numbers
-that keep no state of their own; `daformer_fast.step` composes them.
+"""The stages of one DAFormer/DACS self-training step (docs/recipe.md §2), as functions of tensors, configs and host
+numbers that keep no state of their own; `daformer_fast.step` composes them.
 
 Each module holds one stage: `ema` (mean teacher, §2.2 step 1: updates the teacher's parameters in place),
 `schedule` (poly + warmup LR, §1.5: sets the optimizer's learning rates), `losses` (pixel-mean CE, §2.6),

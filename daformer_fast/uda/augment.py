@@ -1,4 +1,4 @@
-"""Strong augmentation of the mixed image: the random draws, and the original's per-sample order (recipe §2.5).
+"""Strong augmentation of the mixed image: the random draws, and the original's per-sample order (docs/recipe.md §2.5).
 
 The math (kornia-0.5.8 colour jitter, the blur's taps) is `ops.augment`; the fast step applies it through the ops
 `ops.classmix_aug.mix_and_jitter` and `ops.classmix_aug.gaussian_blur`. This module holds what is stage-level:
@@ -67,7 +67,7 @@ def draw_strong_params(batch_size: int, generator: torch.Generator, cfg: UDAConf
     )
     sigma_B = 0.15 + torch.rand(batch_size, generator=generator, dtype=torch.float64)
     return StrongParams(
-        jitter=u_jitter > cfg.color_jitter_probability,  # "probability" is that of skipping (recipe §2.5)
+        jitter=u_jitter > cfg.color_jitter_probability,  # "probability" is that of skipping (docs/recipe.md §2.5)
         blur=cfg.blur and u_blur > 0.5,
         jitter_params=jitter_params,
         sigma_B=sigma_B,

@@ -1,4 +1,4 @@
-"""ClassMix's class choice (DAFormer recipe §2.4, §2.5 step 1; checklist item 4).
+"""ClassMix's class choice (docs/recipe.md §2.4, §2.5 step 1, §8 item 4).
 
 For every sample i the original (`get_class_masks`) takes the candidate classes K = sorted unique labels of the
 **whole** source batch — 255 included — and picks k = ceil(|K|/2) of them uniformly without replacement; the mask

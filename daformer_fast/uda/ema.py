@@ -1,7 +1,7 @@
-"""Mean-teacher EMA update (DAFormer recipe §2.2 step 1; DACS `_update_ema`).
+"""Mean-teacher EMA update (docs/recipe.md §2.2 step 1; DACS `_update_ema`).
 
 The teacher follows the student by θ_T ← a·θ_T + (1 − a)·θ_S with a = min(1 − 1/(t + 1), α), where t is the
-0-based iteration; at t = 0 the teacher is a copy of the student. Only parameters take part: the reference never
+0-based iteration; at t = 0 the teacher is a copy of the student. Only parameters take part: the original never
 averages buffers, so the teacher's BatchNorm running statistics come from its own forward passes (§2.3), and
 changing that would be a method change, not a speed-up.
 
@@ -59,6 +59,6 @@ def update_ema(
         torch._foreach_copy_(teacher, student)
         return
     a = ema_weight(t, alpha)
-    # Same two-term form as the reference (a·θ_T + (1 − a)·θ_S) rather than lerp, to stay within an ulp of it.
+    # Same two-term form as the original (a·θ_T + (1 − a)·θ_S) rather than lerp, to stay within an ulp of it.
     torch._foreach_mul_(teacher, a)
     torch._foreach_add_(teacher, student, alpha=1.0 - a)

@@ -1,4 +1,4 @@
-"""ImageNet feature distance on thing classes (DAFormer paper §3.3; recipe §2.7; checklist item 7).
+"""ImageNet feature distance on thing classes (DAFormer paper §3.3; docs/recipe.md §2.7, §8 item 7).
 
 The student's stage-4 encoder features on the source batch are pulled toward those of the frozen ImageNet
 encoder, but only at cells dominated by a "thing" class: the source label is downscaled to the feature grid with
@@ -6,7 +6,7 @@ encoder, but only at cells dominated by a "thing" class: the source label is dow
 the ignore label), and the loss is the mean over selected cells of the per-position **L2 norm** (not squared) of
 the feature difference over channels. The caller multiplies by λ = 0.005.
 
-Deviation (recipe §2.7 suggests it): the original's `mean` over an empty selection is NaN (zero gradient but a
+Deviation (docs/recipe.md §2.7 suggests it): the original's `mean` over an empty selection is NaN (zero gradient but a
 NaN log). Here the masked mean is Σ d·m / max(Σ m, 1), which is 0 with a zero gradient when nothing is selected,
 and needs no host sync to find that out.
 

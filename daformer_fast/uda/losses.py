@@ -1,4 +1,4 @@
-"""Segmentation loss and accuracy with the original's normalisation (DAFormer recipe §2.6, checklist item 1).
+"""Segmentation loss and accuracy with the original's normalisation (docs/recipe.md §2.6, §8 item 1).
 
 mmseg 0.16 (`CrossEntropyLoss` + `BaseDecodeHead.losses`) upsamples the 1/4-resolution logits bilinearly
 (align_corners=False) to the label size, takes the per-pixel cross-entropy with ignored pixels set to 0,
@@ -37,8 +37,8 @@ def seg_ce_loss(
         weight_BHW: optional per-pixel weights (ClassMix: 1 on pasted source pixels, the pseudo-label
             confidence q elsewhere, 0 in the pseudo-label crop rows).
         ignore_index: label value that contributes zero loss.
-        impl: implementation (`ops.seg_ce`: the reference or the fused upsample + CE kernel); None takes the
-            process default.
+        impl: implementation (`ops.seg_ce`: the plain-PyTorch reference or the fused upsample + CE kernel); None takes
+            the process default.
 
     Returns:
         A 0-dim loss tensor.

@@ -1,4 +1,4 @@
-"""Teacher pseudo-labels and their confidence weight (DAFormer recipe §2.2 steps 5–6, §2.3; checklist item 2).
+"""Teacher pseudo-labels and their confidence weight (docs/recipe.md §2.2 steps 5–6, §2.3, §8 item 2).
 
 The teacher's logits are upsampled (bilinear, align_corners=False) to the crop size *before* the softmax; the
 pseudo-label is the per-pixel argmax, kept even where the teacher is unsure (low-confidence pixels are not
@@ -10,8 +10,8 @@ used as the loss weight of every target pixel. Only after q is computed are the 
 `ignore_bottom` rows zeroed (rectification border and ego vehicle); this happens before mixing, so source pixels
 pasted into those rows keep weight 1.
 
-The upsample, softmax, argmax and count are `ops.pseudo_label_argmax` (the reference, or a fused kernel that never
-stores the full-resolution logits); the weight map is formed here, the same for both.
+The upsample, softmax, argmax and count are `ops.pseudo_label_argmax` (the plain-PyTorch reference, or a fused kernel
+that never stores the full-resolution logits); the weight map is formed here, the same for both.
 
 q stays on the device as a tensor: the original reads it with `.item()`, a host sync this version avoids.
 

@@ -1,10 +1,10 @@
-"""Learning-rate schedule: mmcv 1.3.7 `PolyLrUpdaterHook` with linear warmup (DAFormer recipe §1.5).
+"""Learning-rate schedule: mmcv 1.3.7 `PolyLrUpdaterHook` with linear warmup (docs/recipe.md §1.5).
 
     regular(t) = (lr0 − min_lr) · (1 − t / max_iters)^power + min_lr
     lr(t)      = regular(t) · (1 − (1 − t / warmup_iters) · (1 − warmup_ratio))   if warmup and t < warmup_iters
                = regular(t)                                                       otherwise
 
-Two reference quirks are kept on purpose: the warmup factor multiplies the already-decayed poly value (not lr0),
+Two quirks of the original are kept on purpose: the warmup factor multiplies the already-decayed poly value (not lr0),
 and min_lr is not clipped to lr0, so the `poly10` ablation (min_lr 1e-4 > backbone lr 6e-5) gives a *rising*
 backbone lr. The lr is evaluated per param group from its `initial_lr` (see `models.segmentor.param_groups`) and
 is a host float: setting it costs no device work.
