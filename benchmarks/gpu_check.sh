@@ -50,7 +50,7 @@ fi
 
 if [[ $DRY == 1 ]]; then
     # Plumbing only: collect the tests, run the benchmarks at toy sizes on the CPU.
-    part tests 60 python -m pytest -q --collect-only tests/kernels tests/test_train_step.py
+    part tests 60 python -m pytest -q --collect-only tests/kernels tests/test_train_step.py tests/test_step_sync.py
     TOY=(--device cpu --iters 1 --warmup 1 --skip +compile --set model.backbone=mit_b0 "data.crop=[64,64]")
     part throughput-eager 120 python benchmarks/throughput.py "${TOY[@]}" --json "$RES/throughput_eager.json"
     part kernels 30 python benchmarks/kernels.py --csv "$RES/kernels.csv"
@@ -60,8 +60,9 @@ if [[ $DRY == 1 ]]; then
         --skip +compile +bf16 +sync-free\ batched\ step +fused\ kernels --set "data.crop=[32,32]" \
         --json "$RES/throughput.json"
 else
-    # 3. Kernel tests and the fast-vs-original parity tests, on the GPU.
-    part tests 150 python -m pytest -q -x tests/kernels tests/test_train_step.py -p no:cacheprovider
+    # 3. Kernel tests, the fast-vs-original parity tests and the sync-free step test, on the GPU.
+    part tests 150 python -m pytest -q -x tests/kernels tests/test_train_step.py tests/test_step_sync.py \
+        -p no:cacheprovider
     # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers.
     part throughput-eager 100 python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
         --skip +compile --json "$RES/throughput_eager.json"
