@@ -26,6 +26,7 @@ __all__ = [
     "DataConfig",
     "DatasetConfig",
     "KernelConfig",
+    "MICConfig",
     "ModelConfig",
     "OptimConfig",
     "RCSConfig",
@@ -155,6 +156,38 @@ class DataConfig:
     for configs whose source/target/val roots are ROOT/source and ROOT/target (configs/demo.yaml)."""
 
 
+MICMode = Literal["separate", "separatesrc", "separatetrg", "separateaug", "separatesrcaug", "separatetrgaug"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MICConfig:
+    """Masked Image Consistency (Hoyer et al., CVPR 2023) on the DAFormer step (docs/mic.md)."""
+
+    mode: MICMode | None = None
+    """None = off. Which images the masked pass trains on (docs/mic.md §3): `separatetrg` the target batch against
+    its pseudo-labels and weights, `separatesrc` the source batch against its labels, `separate` image 0 of each
+    (needs data.batch_size 2); the `aug` variants colour-augment (and maybe blur) before masking. MIC(DAFormer)
+    uses `separatetrgaug`."""
+    block_size: int = 32
+    """Side in pixels of the square mask cells; the grid has round(H / block_size) × round(W / block_size) cells
+    (32 at 512² crops)."""
+    ratio: float = 0.7
+    """Probability, in [0, 1], that a cell is masked: a cell is kept iff its U(0, 1) draw is > ratio."""
+    lambda_: float = 1.0
+    """Weight of the MIC loss (the original multiplies only when it is not 1)."""
+    alpha: float | Literal["same"] = "same"
+    """EMA momentum of the MIC teacher; `same` = DAFormer's teacher and `uda.alpha`. A value (0 included: a copy of
+    the current student) makes a separate MIC teacher, as the original does (docs/mic.md §4)."""
+    pseudo_threshold: float | Literal["same"] | None = "same"
+    """Confidence threshold of the MIC pseudo-label weight; `same` = DAFormer's pseudo-labels and weights, None =
+    weight 1 outside the ignored rows. Any value but `same` (None included) makes a separate MIC teacher."""
+
+    @property
+    def separate_teacher(self) -> bool:
+        """Whether MIC has its own EMA teacher: only when `alpha` or `pseudo_threshold` is not `same`."""
+        return self.mode is not None and (self.alpha != "same" or self.pseudo_threshold != "same")
+
+
 @dataclass(frozen=True, kw_only=True)
 class UDAConfig:
     mode: Literal["dacs", "source_only", "target_only"] = "dacs"
@@ -189,6 +222,8 @@ class UDAConfig:
     debug_img_interval: int = 1000
     """Every this many iterations (t = 0, N, 2N, ...) rank 0 saves debug grids of the step's images, labels and
     masks to work_dir/class_mix_debug (`dacs` mode only; docs/recipe.md §2.9: 1000); <= 0 disables them."""
+    mic: MICConfig = field(default_factory=MICConfig)
+    """Masked Image Consistency, off by default (`uda.mic.mode`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,6 +349,17 @@ class Config:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
         if self.data.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+        mic = self.uda.mic
+        if mic.mode is not None:
+            if self.uda.mode != "dacs":
+                raise ConfigError(f"uda.mic.mode is for uda.mode dacs; MIC on the {self.uda.mode} baseline (the "
+                                  "original's exp 85) is not implemented")  # fmt: skip
+            if mic.mode in ("separate", "separateaug") and self.data.batch_size != 2:
+                raise ConfigError(f"uda.mic.mode {mic.mode} pairs image 0 of each domain and needs data.batch_size "
+                                  f"2, got {self.data.batch_size}")  # fmt: skip
+            if mic.block_size < 1 or not 0.0 <= mic.ratio <= 1.0:
+                raise ConfigError(f"uda.mic.block_size must be >= 1 and uda.mic.ratio in [0, 1]; got "
+                                  f"{mic.block_size}, {mic.ratio}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
