@@ -1,13 +1,16 @@
 """The paper's experiment sets as generated configs: `python -m daformer_fast.experiments --exp ID`.
 
-IDs 1–8 are the tables of the DAFormer paper (CVPR 2022) and its CS→ACDC / CS→DarkZurich extension; 100 and 101
-are two-iteration smoke sets (docs/recipe.md §6.3). Each set is a list of runs described in the original's vocabulary
-(architecture, backbone, UDA variant, RCS temperature, PL crop, schedule, seed) and named with the original's
-rule (docs/recipe.md §6.2), so work dirs line up with the paper's tables. A run becomes a YAML file holding only the
-fields that differ from `daformer_fast.config` defaults (the defaults are the final GTA→CS DAFormer setting).
+IDs 1–8 are the tables of the DAFormer paper (CVPR 2022) and its CS→ACDC / CS→DarkZurich extension; 80–85 are
+the MIC paper's (CVPR 2023) sets as the original `lhoyer/MIC` `seg/experiments.py` lists them (docs/mic.md §9); 100
+and 101 are two-iteration smoke sets (docs/recipe.md §6.3). Each set is a list of runs described in the original's
+vocabulary (architecture, backbone, UDA variant, RCS temperature, PL crop, MIC mask, schedule, seed) and named with
+the original's rule (docs/recipe.md §6.2, docs/mic.md §9), so work dirs line up with the paper's tables. A run
+becomes a YAML file holding only the fields that differ from `daformer_fast.config` defaults (the defaults are the
+final GTA→CS DAFormer setting).
 
-Runs whose architecture or encoder daformer_fast does not implement (CNN encoders, DeepLab/DANet/ISANet/UperNet
-decoders, ...) are listed as unavailable with the reason, never dropped, so a table's missing rows stay visible.
+Runs whose architecture, encoder or host method daformer_fast does not implement (CNN encoders, DeepLab/DANet/ISANet/
+UperNet decoders, HRDA, AdvSeg, MinEnt, ...) are listed as unavailable with the reason, never dropped, so a table's
+missing rows stay visible.
 
     python -m daformer_fast.experiments --exp 6 --list
     python -m daformer_fast.experiments --exp 7 --set data.source.root=/data/synthia --run
@@ -32,7 +35,7 @@ from daformer_fast.config import Config, ConfigError, DatasetConfig, config_to_d
 
 __all__ = ["EXPERIMENT_IDS", "Run", "build_config", "config_delta", "experiment_runs", "main", "write_experiment"]
 
-EXPERIMENT_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 100, 101)
+EXPERIMENT_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 80, 81, 82, 83, 84, 85, 100, 101)
 
 GTA2CS = ("gta", "cityscapes")
 
@@ -70,6 +73,20 @@ _BACKBONES: dict[str, tuple[str | None, str]] = {
     "s200": (None, f"ResNeSt-200: {_CNN}"),
 }
 
+# HRDA architectures are `hrda1-<hr crop>-<hr loss weight>_<architecture>`; the multi-resolution model is missing.
+_HRDA_REASON = "HRDA (multi-resolution training) not implemented"
+
+# Host methods other than DACS/DAFormer self-training that the MIC sets use (docs/mic.md §9).
+_UDA_REASONS = {
+    "advseg": "AdvSeg host (adversarial output alignment) not implemented",
+    "minent": "MinEnt host (entropy minimisation) not implemented",
+    "dacs_srconly": "MIC on the source_only baseline is not implemented",
+}
+
+# MIC mask modes → the original's name tag (docs/mic.md §9).
+_MASK_TAGS = {"separate": "sep", "separateaug": "spa", "separatesrc": "sps", "separatesrcaug": "spsa",
+              "separatetrg": "spt", "separatetrgaug": "spta"}  # fmt: skip
+
 # Datasets of each (source, target) pair as deltas from the GTA→CS defaults (mirrors configs/*.yaml).
 _CS_TRAIN = DatasetConfig(name="cityscapes", root="data/cityscapes", split="train", scale=(1024, 512))
 _PAIRS: dict[tuple[str, str], dict[str, DatasetConfig]] = {
@@ -95,7 +112,11 @@ BASELINE_NOTE = (
 
 @dataclass(frozen=True)
 class Run:
-    """One run of an experiment set, in the original's vocabulary (docs/recipe.md §6.2)."""
+    """One run of an experiment set, in the original's vocabulary (docs/recipe.md §6.2, docs/mic.md §9).
+
+    Numbers enter the name as the original prints them, so the MIC fields keep its literal types: ratio 0 and
+    alpha 0 are ints (`m32-0`, `a0`), the HRDA min crop 2.0 is a float (`rcs001-20`).
+    """
 
     exp: int
     source: str
@@ -103,12 +124,28 @@ class Run:
     architecture: str
     backbone: str
     uda: str
-    """source-only | target-only | dacs | dacs_fd | dacs_fdthings | dacs_a999_fdthings"""
+    """source-only | target-only | dacs | dacs_fd | dacs_fdthings | dacs_a999_fdthings; the MIC sets add advseg,
+    minent and dacs_srconly, which are unavailable"""
     seed: int
     rcs_temp: float | None = None
-    plcrop: bool = False
+    plcrop: bool | str = False
+    """True (= "v1") ignores pseudo-label rows 15/120; "v2" is HRDA's loader-side margin crop (unavailable)"""
     schedule: str = "poly10warm"
     iters: int = 40000
+    mask_mode: str | None = None
+    """MIC mask mode (`uda.mic.mode`); None = no MIC"""
+    mask_block_size: int = 32
+    mask_ratio: float = 0.7
+    mask_alpha: float | str = "same"
+    mask_pseudo_threshold: float | str | None = "same"
+    mask_lambda: float = 1
+    # Only the unavailable HRDA, AdvSeg and MinEnt rows change these; they are here so those rows are named right.
+    crop: str = "512x512"
+    rcs_min_crop: float = 0.5
+    inference: str = "whole"
+    opt: str = "adamw"
+    lr: float = 6e-5
+    pmult: bool = True
 
     @property
     def is_dacs(self) -> bool:
@@ -116,22 +153,37 @@ class Run:
 
     @property
     def name(self) -> str:
-        # RCS and PL crop only mean something for self-training; the original omits them for the baselines.
+        # RCS and PL crop only mean something for self-training; the original omits them for the baselines
+        # (the PL crop is named for any MIC run too, as the MIC original does).
         uda = self.uda
         if self.is_dacs and self.rcs_temp is not None:
-            uda += f"_rcs{self.rcs_temp}"
-        if self.is_dacs and self.plcrop:
-            uda += "_cpl"
-        name = f"{self.source}2{self.target}_{uda}_{self.architecture}_{self.backbone}_{self.schedule}_s{self.seed}"
-        for old, new in ((".", ""), ("True", "T"), ("False", "F"), ("cityscapes", "cs"), ("synthia", "syn"),
-                         ("darkzurich", "dzur")):  # fmt: skip
+            uda += f"_rcs{self.rcs_temp}" + (f"-{self.rcs_min_crop}" if self.rcs_min_crop != 0.5 else "")
+        if (self.is_dacs or self.mask_mode is not None) and self.plcrop:
+            uda += "_cpl" if self.plcrop in (True, "v1") else f"_cpl{self.plcrop[1:]}"
+        if self.mask_mode is not None:
+            uda += f"_m{self.mask_block_size}-{self.mask_ratio}-"
+            uda += f"a{self.mask_alpha}-" if self.mask_alpha != "same" else ""
+            uda += f"p{self.mask_pseudo_threshold}-" if self.mask_pseudo_threshold != "same" else ""
+            uda += _MASK_TAGS[self.mask_mode] + (f"-w{self.mask_lambda}" if self.mask_lambda != 1 else "")
+        crop = "" if self.crop == "512x512" else f"_{self.crop}"
+        arch = self.architecture + ("_sl" if self.inference == "slide" else "")
+        name = f"{self.source}2{self.target}{crop}_{uda}_{arch}_{self.backbone}_{self.schedule}"
+        name += (f"_{self.opt}" if self.opt != "adamw" else "") + (f"_{self.lr}" if self.lr != 6e-5 else "")
+        name += (f"_pm{self.pmult}" if not self.pmult else "") + f"_s{self.seed}"
+        for old, new in ((".", ""), ("True", "T"), ("False", "F"), ("None", "N"), ("[", ""), ("]", ""), (",", "j"),
+                         (" ", ""), ("cityscapes", "cs"), ("synthia", "syn"), ("darkzurich", "dzur")):  # fmt: skip
             name = name.replace(old, new)
         return name
 
     @property
     def unavailable_reason(self) -> str | None:
-        reasons = [r for table, key in ((_ARCHITECTURES, self.architecture), (_BACKBONES, self.backbone))
-                   if (r := table[key][1])]  # fmt: skip
+        arch, reasons = self.architecture, []
+        if arch.startswith("hrda"):
+            reasons.append(_HRDA_REASON)
+            arch = arch.split("_", 1)[1]
+        if self.uda in _UDA_REASONS:
+            reasons.append(_UDA_REASONS[self.uda])
+        reasons += [r for table, key in ((_ARCHITECTURES, arch), (_BACKBONES, self.backbone)) if (r := table[key][1])]
         return "; ".join(reasons) or None
 
     @property
@@ -149,6 +201,13 @@ def _product(exp: int, models, udas, seeds, pairs=(GTA2CS,), **extra) -> list[Ru
 _SEEDS3 = (0, 1, 2)
 _BASELINES_AND_DACS = ("source-only", "dacs", "target-only")
 _FULL = "dacs_a999_fdthings"
+_MITB5 = ("daformer_sepaspp", "mitb5")
+# MIC(DAFormer) at 512² crops (docs/mic.md §9): the full recipe plus `separatetrgaug`; the Run defaults give block 32
+# (half the paper's 64, as DAFormer trains at half resolution), ratio 0.7, λ 1 and DAFormer's teacher ('same').
+_MIC = {"rcs_temp": 0.01, "plcrop": True, "mask_mode": "separatetrgaug"}
+# HRDA at 1024² crops: RCS min crop scaled by 2² with the crop area, slide inference, block 64.
+_HRDA = {"crop": "1024x1024", "rcs_min_crop": 0.5 * 2**2, "inference": "slide", "mask_block_size": 64}
+_HRDA_DAFORMER = ("hrda1-512-0.1_daformer_sepaspp", "mitb5")
 
 
 def experiment_runs(exp: int) -> list[Run]:
@@ -182,6 +241,39 @@ def experiment_runs(exp: int) -> list[Run]:
     if exp in (7, 8):  # Tab. 6 Synthia→CS; extension CS→ACDC and CS→DarkZurich
         pairs = [("synthia", "cityscapes")] if exp == 7 else [("cityscapes", "acdc"), ("cityscapes", "darkzurich")]
         return _product(exp, [("daformer_sepaspp", "mitb5")], (_FULL,), _SEEDS3, pairs, rcs_temp=0.01, plcrop=True)
+    if exp in (80, 82):  # MIC Tab. 2, MIC(HRDA) on four benchmarks; Tab. 6, domain study with other mask modes
+        gta, acdc = ("gtaHR", "cityscapesHR"), ("cityscapesHR", "acdcHR")
+        rows = ([(*gta, "separatetrgaug"), ("synthiaHR", "cityscapesHR", "separatetrgaug"), (*acdc, "separate"),
+                 ("cityscapesHR", "darkzurichHR", "separate")] if exp == 80
+                else [(*gta, "separatesrcaug"), (*gta, "separateaug"), (*acdc, "separatesrc"), (*acdc, "separatetrg")])
+        # ACDC and DarkZurich images have no rectification border, so only a Cityscapes target gets the PL crop.
+        return [Run(exp, src, tgt, *_HRDA_DAFORMER, _FULL, seed, rcs_temp=0.01, mask_mode=mode,
+                    plcrop="v2" if "cityscapes" in tgt else False, **_HRDA)
+                for src, tgt, mode in rows for seed in _SEEDS3]  # fmt: skip
+    if exp == 81:  # MIC Tab. 1: MIC on other UDA methods (MIC(HRDA-DAFormer) is exp 80's first row)
+        sgd = {"opt": "sgd", "lr": 0.0025, "pmult": False}
+        hrda = {**_HRDA, "rcs_temp": 0.01, "plcrop": "v2"}
+        rows = [("gta", "cityscapes", "dlv2red", "r101v1c", "advseg", sgd),
+                ("gta", "cityscapes", "dlv2red", "r101v1c", "minent", sgd),
+                ("gta", "cityscapes", "dlv2red", "r101v1c", "dacs", {}),
+                ("gta", "cityscapes", "dlv2red", "r101v1c", _FULL, _MIC),
+                ("gtaHR", "cityscapesHR", "hrda1-512-0.1_dlv2red", "r101v1c", _FULL, hrda),
+                ("gta", "cityscapes", *_MITB5, _FULL, _MIC)]  # fmt: skip
+        return [Run(exp, src, tgt, arch, bb, uda, seed, **{"mask_mode": "separatetrgaug", **extra})
+                for src, tgt, arch, bb, uda, extra in rows for seed in _SEEDS3]  # fmt: skip
+    if exp == 83:  # MIC Tab. 7: ablations (the complete MIC(DAFormer) is exp 81's last row)
+        # (mode, ratio, alpha, pseudo threshold): w/o colour aug, w/o masking, w/o EMA teacher, w/o confidence weight
+        rows = [("separatetrg", 0.7, "same", "same"), ("separatetrgaug", 0, "same", "same"),
+                ("separatetrgaug", 0.7, 0, "same"), ("separatetrgaug", 0.7, "same", None)]  # fmt: skip
+        return [Run(exp, *GTA2CS, *_MITB5, _FULL, seed, rcs_temp=0.01, plcrop=True, mask_mode=mode, mask_ratio=r,
+                    mask_alpha=a, mask_pseudo_threshold=p) for mode, r, a, p in rows for seed in _SEEDS3]  # fmt: skip
+    if exp == 84:  # MIC Tab. 8: block size × mask ratio ((32, 0.7) is exp 81's last row)
+        grid = itertools.product((16, 32, 64, 128), (0.3, 0.5, 0.7, 0.9), _SEEDS3)
+        return [Run(exp, *GTA2CS, *_MITB5, _FULL, seed, **_MIC, mask_block_size=b, mask_ratio=r)
+                for b, r, seed in grid if (b, r) != (32, 0.7)]  # fmt: skip
+    if exp == 85:  # MIC Tab. 9: supervised Cityscapes training with MIC on the labelled images
+        return [Run(exp, "cityscapes", "cityscapes", *_MITB5, "dacs_srconly", seed, mask_mode="separatesrc")
+                for seed in _SEEDS3]  # fmt: skip
     if exp == 100:  # startup smoke test: every architecture/backbone pair, oracle training
         models = [("dlv2red", "r101v1c"), ("dlv3p_nodbn", "r101v1c"), ("da_nodbn", "r101v1c"), ("segformer", "mitb5"),
                   ("isa_nodbn", "r101v1c"), ("dlv2red", "r50v1c"), ("dlv2red", "s50"), ("dlv2red", "s101"),
@@ -201,21 +293,28 @@ def experiment_runs(exp: int) -> list[Run]:
 
 
 def _uda_delta(run: Run) -> dict[str, Any]:
-    """uda.* and data.rcs.* of a run; the original's `_base_/uda/dacs*.py` files as deltas from the final recipe."""
+    """uda.* and data.rcs.* of a run; the original's `_base_/uda/dacs*.py` files as deltas from the final recipe,
+    plus the MIC keys (docs/mic.md §9) of a run with a mask mode."""
+    # λ is 1 in every MIC set; 'same' keeps MIC on DAFormer's teacher and pseudo-labels (no second teacher).
+    mic = {} if run.mask_mode is None else {"mic": {
+        "mode": run.mask_mode, "block_size": run.mask_block_size, "ratio": run.mask_ratio, "lambda_": run.mask_lambda,
+        "alpha": run.mask_alpha, "pseudo_threshold": run.mask_pseudo_threshold}}  # fmt: skip
     if not run.is_dacs:
         mode = run.uda.replace("-", "_")
         # The baselines are plain supervised training: no FD loss, no RCS, no pseudo-labels.
-        return {"uda": {"mode": mode, "fd_lambda": 0.0}, "rcs": {"enabled": False}}
+        return {"uda": {"mode": mode, "fd_lambda": 0.0, **mic}, "rcs": {"enabled": False}}
     if run.uda not in ("dacs", "dacs_fd", "dacs_fdthings", _FULL):
         raise ValueError(f"unknown UDA variant {run.uda!r}")
-    uda: dict[str, Any] = {"mode": "dacs", "alpha": 0.999 if "a999" in run.uda else 0.99}
+    uda: dict[str, Any] = {"mode": "dacs", "alpha": 0.999 if "a999" in run.uda else 0.99, **mic}
     if "fd" not in run.uda:
         uda["fd_lambda"] = 0.0
     elif "fdthings" not in run.uda:
         uda["fd_classes"] = None  # FD over all cells (Tab. 5 ablation); the default is the thing classes
     top, bottom = (15, 120) if run.plcrop else (0, 0)
     uda |= {"pseudo_weight_ignore_top": top, "pseudo_weight_ignore_bottom": bottom}
-    rcs = {"enabled": False} if run.rcs_temp is None else {"enabled": True, "class_temp": float(run.rcs_temp)}
+    rcs: dict[str, Any] = {"enabled": False}
+    if run.rcs_temp is not None:
+        rcs = {"enabled": True, "class_temp": float(run.rcs_temp), "min_crop_ratio": float(run.rcs_min_crop)}
     return {"uda": uda, "rcs": rcs}
 
 
@@ -232,6 +331,13 @@ def build_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> Confi
         schedule = {"warmup": "none", "min_lr": 1e-4}
     else:
         raise ValueError(f"unknown schedule {run.schedule!r}")
+    # Settings only the (unavailable) HRDA/AdvSeg/MinEnt rows use; refuse them rather than drop them silently.
+    unsupported = [f"{key}={getattr(run, key)!r}" for key, ok in (
+        ("crop", run.crop == "512x512"), ("inference", run.inference == "whole"), ("opt", run.opt == "adamw"),
+        ("lr", run.lr == 6e-5), ("pmult", run.pmult), ("plcrop", run.plcrop in (False, True, "v1")))
+        if not ok]  # fmt: skip
+    if unsupported:
+        raise ValueError(f"{run.name}: not expressible in Config: {', '.join(unsupported)}")
     uda = _uda_delta(run)
     data: dict[str, Any] = {k: dataclasses.asdict(v) for k, v in _PAIRS[(run.source, run.target)].items()}
     data["rcs"] = uda["rcs"]

@@ -1,6 +1,7 @@
 """Experiment sets (docs/recipe.md §6): names, generated deltas that load back, unavailable runs reported with
 counts."""
 
+import dataclasses
 import math
 import sys
 import types
@@ -25,6 +26,12 @@ EXPECTED_COUNTS = {
     6: (7 * 2 * 3, 4 * 2 * 3),  # UperNet C=512, UperNet C=256, ISA fusion, context-only-at-F4 missing
     7: (3, 0),
     8: (2 * 3, 0),
+    80: (4 * 3, 4 * 3),  # MIC(HRDA) on four benchmarks: HRDA missing
+    81: (6 * 3, 5 * 3),  # AdvSeg, MinEnt, DACS-DLv2, DAFormer-DLv2, HRDA-DLv2 missing; DAFormer MiT-B5 available
+    82: (4 * 3, 4 * 3),  # HRDA domain study
+    83: (4 * 3, 0),
+    84: (15 * 3, 0),  # 4 block sizes × 4 ratios, less the (32, 0.7) cell of exp 81
+    85: (3, 3),  # MIC on the source-only baseline
     100: (22, 16),  # available: SegFormer B3/B4/B5, daformer_conv1/aspp/sepaspp
     101: (9, 0),
 }
@@ -117,7 +124,7 @@ def test_list_reports_unavailable(capsys, tmp_path):
 def test_unknown_id_lists_valid_ones(capsys):
     assert main(["--exp", "9"]) == 2
     err = capsys.readouterr().err
-    assert "unknown experiment id 9" in err and "1, 2, 3, 4, 5, 6, 7, 8, 100, 101" in err
+    assert "unknown experiment id 9" in err and "1, 2, 3, 4, 5, 6, 7, 8, 80, 81, 82, 83, 84, 85, 100, 101" in err
     with pytest.raises(ConfigError):
         experiment_runs(0)
 
@@ -156,3 +163,127 @@ def test_unavailable_run_cannot_be_built():
         build_config(run)
     assert "ResNet-101" in run.unavailable_reason
     assert experiments.BASELINE_NOTE.startswith("known deviation")
+
+
+# MIC sets (docs/mic.md §9), written out from the original's run lists; seeds 0, 1, 2 follow each row.
+_DAF = "gta2cs_dacs_a999_fdthings_rcs001_cpl_"
+_TAIL = "_daformer_sepaspp_mitb5_poly10warm"
+EXP81_ROWS = [
+    "gta2cs_advseg_m32-07-spta_dlv2red_r101v1c_poly10warm_sgd_00025_pmF",
+    "gta2cs_minent_m32-07-spta_dlv2red_r101v1c_poly10warm_sgd_00025_pmF",
+    "gta2cs_dacs_m32-07-spta_dlv2red_r101v1c_poly10warm",
+    "gta2cs_dacs_a999_fdthings_rcs001_cpl_m32-07-spta_dlv2red_r101v1c_poly10warm",
+    "gtaHR2csHR_1024x1024_dacs_a999_fdthings_rcs001-20_cpl2_m64-07-spta_hrda1-512-01_dlv2red_sl_r101v1c_poly10warm",
+    "gta2cs_dacs_a999_fdthings_rcs001_cpl_m32-07-spta_daformer_sepaspp_mitb5_poly10warm",
+]
+EXP83_ROWS = [_DAF + m + _TAIL for m in ("m32-07-spt", "m32-0-spta", "m32-07-a0-spta", "m32-07-pN-spta")]
+EXP84_CELLS = ["m16-03", "m16-05", "m16-07", "m16-09", "m32-03", "m32-05", "m32-09", "m64-03", "m64-05", "m64-07",
+               "m64-09", "m128-03", "m128-05", "m128-07", "m128-09"]  # fmt: skip
+EXP84_ROWS = [f"{_DAF}{cell}-spta{_TAIL}" for cell in EXP84_CELLS]
+
+
+def _with_seeds(rows):
+    return [f"{row}_s{s}" for row in rows for s in (0, 1, 2)]
+
+
+@pytest.mark.parametrize("exp, rows", [(81, EXP81_ROWS), (83, EXP83_ROWS), (84, EXP84_ROWS)])
+def test_mic_set_names_match_the_original(exp, rows):
+    assert [r.name for r in experiment_runs(exp)] == _with_seeds(rows)
+
+
+def test_mic_hrda_and_supervised_sets_are_named_and_unavailable():
+    hrda = "_1024x1024_dacs_a999_fdthings_rcs001-20_{}m64-07-{}_hrda1-512-01_daformer_sepaspp_sl_mitb5_poly10warm"
+    gta, syn = "gtaHR2csHR" + hrda.format("cpl2_", "{}"), "synHR2csHR" + hrda.format("cpl2_", "{}")
+    acdc, dzur = "csHR2acdcHR" + hrda.format("", "{}"), "csHR2dzurHR" + hrda.format("", "{}")
+    assert [r.name for r in experiment_runs(80)] == _with_seeds(
+        [gta.format("spta"), syn.format("spta"), acdc.format("sep"), dzur.format("sep")])
+    assert [r.name for r in experiment_runs(82)] == _with_seeds(
+        [gta.format("spsa"), gta.format("spa"), acdc.format("sps"), acdc.format("spt")])
+    assert [r.name for r in experiment_runs(85)] == _with_seeds(["cs2cs_dacs_srconly_m32-07-sps" + _TAIL])
+    for run in experiment_runs(80) + experiment_runs(82):
+        assert run.unavailable_reason == "HRDA (multi-resolution training) not implemented"
+    for run in experiment_runs(85):
+        assert run.unavailable_reason == "MIC on the source_only baseline is not implemented"
+        with pytest.raises(ConfigError, match="source_only baseline"):
+            build_config(run)
+    # The reason is the one Config itself gives for MIC on the source-only baseline.
+    with pytest.raises(ConfigError, match="MIC on the source_only baseline"):
+        load_config(None, ["uda.mode=source_only", "uda.mic.mode=separatesrc"])
+
+
+def test_exp81_unavailable_rows_carry_their_reasons():
+    runs = experiment_runs(81)
+    reasons = [r.unavailable_reason for r in runs]
+    assert all(reasons[:15]) and not any(reasons[15:])
+    assert all(x.startswith("AdvSeg host") for x in reasons[0:3])
+    assert all(x.startswith("MinEnt host") for x in reasons[3:6])
+    assert all(x.startswith("HRDA") for x in reasons[12:15])
+    for run in runs[:15]:  # every DeepLabV2-R101 row keeps the existing architecture and encoder reasons
+        assert "DeepLabV2 decoder" in run.unavailable_reason and "ResNet-101 V1c" in run.unavailable_reason
+        with pytest.raises(ConfigError, match="is unavailable"):
+            build_config(run)
+
+
+def test_mic_configs_extend_the_daformer_run():
+    final = build_config(next(r for r in experiment_runs(6) if r.name == FINAL_GTA))
+    for exp in (81, 83, 84):
+        for run in experiment_runs(exp):
+            if run.unavailable_reason:
+                continue
+            cfg = build_config(run)
+            mic = cfg.uda.mic
+            assert mic.lambda_ == 1.0 and cfg.train.seed == run.seed
+            # Apart from MIC, seed and work dir, a MIC run is the final DAFormer run it extends.
+            assert dataclasses.replace(cfg, uda=dataclasses.replace(cfg.uda, mic=final.uda.mic), train=final.train) \
+                == final
+            assert cfg.train == dataclasses.replace(final.train, seed=run.seed,
+                                                    work_dir=f"work_dirs/exp{exp}/{run.name}")
+    cfgs81 = [build_config(r) for r in experiment_runs(81)[15:]]
+    assert {(c.uda.mic.mode, c.uda.mic.block_size, c.uda.mic.ratio, c.uda.mic.alpha, c.uda.mic.pseudo_threshold)
+            for c in cfgs81} == {("separatetrgaug", 32, 0.7, "same", "same")}  # fmt: skip
+    assert not any(c.uda.mic.separate_teacher for c in cfgs81)
+
+    by_row = {r.name[len(_DAF):-len(_TAIL) - 3]: build_config(r).uda.mic for r in experiment_runs(83) if r.seed == 0}
+    assert (by_row["m32-07-spt"].mode, by_row["m32-07-spt"].separate_teacher) == ("separatetrg", False)
+    assert (by_row["m32-0-spta"].ratio, by_row["m32-0-spta"].mode) == (0.0, "separatetrgaug")
+    a0 = by_row["m32-07-a0-spta"]
+    assert (a0.alpha, a0.pseudo_threshold, a0.separate_teacher) == (0.0, "same", True)
+    pn = by_row["m32-07-pN-spta"]
+    assert (pn.alpha, pn.pseudo_threshold, pn.separate_teacher, pn.ratio) == ("same", None, True, 0.7)
+
+    mics84 = [build_config(r).uda.mic for r in experiment_runs(84)]
+    assert [(m.block_size, m.ratio) for m in mics84[::3]] == [
+        (16, 0.3), (16, 0.5), (16, 0.7), (16, 0.9), (32, 0.3), (32, 0.5), (32, 0.9), (64, 0.3), (64, 0.5),
+        (64, 0.7), (64, 0.9), (128, 0.3), (128, 0.5), (128, 0.7), (128, 0.9)]  # fmt: skip
+    assert all(m.mode == "separatetrgaug" and not m.separate_teacher for m in mics84)
+
+
+def test_mic_yaml_round_trips(tmp_path):
+    written, _ = write_experiment(83, tmp_path)
+    by_stem = {p.stem: p for p in written}
+    pn = by_stem[f"{_DAF}m32-07-pN-spta{_TAIL}_s1"]
+    body = [line for line in pn.read_text().splitlines() if not line.startswith("#")]
+    # null must be written out: leaving it to the default would give 'same' back.
+    assert body[0] == "uda:" and "  mic: {mode: separatetrgaug, pseudo_threshold: null}" in body
+    assert load_config(pn).uda.mic.pseudo_threshold is None
+    a0 = load_config(by_stem[f"{_DAF}m32-07-a0-spta{_TAIL}_s0"])
+    assert a0.uda.mic.alpha == 0.0 and isinstance(a0.uda.mic.alpha, float)
+    written81, _ = write_experiment(81, tmp_path)
+    assert [p.stem for p in written81] == _with_seeds(EXP81_ROWS[-1:])
+    assert all(load_config(p) == build_config(r) for p, r in zip(written81, experiment_runs(81)[15:]))
+
+
+def test_list_shows_mic_sets(capsys, tmp_path):
+    assert main(["--exp", "81", "--list", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"available: {EXP81_ROWS[-1]}_s0" in out
+    assert f"unavailable: {EXP81_ROWS[0]}_s2 (AdvSeg host" in out
+    assert "exp 81: 18 runs, 3 available, 15 unavailable" in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_run_settings_config_cannot_express_are_refused():
+    run = experiment_runs(84)[0]
+    for change in ({"opt": "sgd"}, {"crop": "1024x1024"}, {"inference": "slide"}, {"plcrop": "v2"}):
+        with pytest.raises(ValueError, match="not expressible"):
+            build_config(dataclasses.replace(run, **change))
