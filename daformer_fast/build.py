@@ -8,7 +8,8 @@ used by the trainer, the benchmarks and the tests alike. The transforms are appl
    every restart; the ImageNet copy is rebuilt from them, never saved);
 2. load `model.pretrained` (ImageNet encoder weights), or the caller's `initial_state`;
 3. move to the device;
-4. copy the student into the EMA teacher and the frozen ImageNet encoder (`uda.mode: dacs`, `uda.fd_lambda` > 0);
+4. copy the student into the EMA teacher and the frozen ImageNet encoder (`uda.mode: dacs`, `uda.fd_lambda` > 0),
+   and into the separate MIC teacher when `uda.mic` asks for one;
 5. the optimizer over the student: fused AdamW on the fast path (it also skips non-finite updates on the device),
    torch's per-parameter loop on the original path, as the original;
 6. `train.compile`: each network compiled in place (`nn.Module.compile`), after the copies (a copy of a compiled
@@ -65,15 +66,17 @@ def build_training(
     dacs = cfg.uda.mode == "dacs"
     teacher = frozen_copy(student) if dacs else None  # 4
     imnet = frozen_copy(student.backbone).eval() if dacs and cfg.uda.fd_lambda > 0 else None
+    mic_teacher = frozen_copy(student) if dacs and cfg.uda.mic.separate_teacher else None
     optimizer = build_optimizer(cfg.optim, student, fused=cfg.train.path == "fast")  # 5
     if cfg.train.compile:  # 6
-        for net in (student, teacher, imnet):
+        for net in (student, teacher, imnet, mic_teacher):
             if net is not None:
                 net.compile()
     student_fwd = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else None  # 7
     step = UDAStep(
         student, teacher, imnet, optimizer, uda=cfg.uda, schedule=cfg.schedule, train=cfg.train,
         num_classes=cfg.model.num_classes, device=device, impl=cfg.kernels.impl, rank=rank, student_fwd=student_fwd,
+        mic_teacher=mic_teacher,
     )  # 8  # fmt: skip
     step.train()
     return student, step, optimizer

@@ -286,6 +286,7 @@ def save_checkpoint(
     *,
     student: nn.Module | dict,
     teacher: nn.Module | dict | None = None,
+    mic_teacher: nn.Module | dict | None = None,
     optimizer: torch.optim.Optimizer | dict | None = None,
     iteration: int = 0,
     config: Any = None,
@@ -296,7 +297,9 @@ def save_checkpoint(
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = config_to_dict(config)
     obj = {"format": FORMAT, "version": 1, "iteration": int(iteration), "student": _plain(_state(student), "student")}
-    for name, value in (("teacher", teacher), ("optimizer", optimizer), ("config", config), ("extra", extra)):
+    parts = (("teacher", teacher), ("mic_teacher", mic_teacher), ("optimizer", optimizer), ("config", config),
+             ("extra", extra))  # fmt: skip
+    for name, value in parts:
         if value is not None:
             obj[name] = _plain(_state(value), name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,8 @@ class MetricsLog(contextlib.ExitStack):
                    "step_ms": per_step * 1e3, "img_s": self.imgs_per_step / per_step,
                    "data_wait_pct": 100 * wait_frac, "mem_gib": peak_memory_gib(self.device), **extra}  # fmt: skip
             self._write(row, "train")
-            self.bar.set_postfix(loss_src=f"{means['loss_src']:.3f}", img_s=f"{row['img_s']:.1f}")
+            losses = {k: f"{means[k]:.3f}" for k in ("loss_src", "loss_mic") if k in means}
+            self.bar.set_postfix(**losses, img_s=f"{row['img_s']:.1f}")
         return means
 
     def write_eval(self, t_done: int, metrics: dict) -> None:

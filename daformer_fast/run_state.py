@@ -63,10 +63,11 @@ def _point_latest(work_dir: Path, target: Path) -> None:
 
 
 def save_run_state(
-    work_dir: Path, iteration: int, *, student, teacher, optimizer, config, extra: dict, keep: int
+    work_dir: Path, iteration: int, *, student, teacher, optimizer, config, extra: dict, keep: int, mic_teacher=None
 ) -> Path:
     """Write `iter_<iteration>.pth`, point `latest.pth` at it, delete all but the newest `keep` files."""
-    for name, obj in (("student", student), ("teacher", teacher), ("optimizer", optimizer)):
+    parts = (("student", student), ("teacher", teacher), ("mic_teacher", mic_teacher), ("optimizer", optimizer))
+    for name, obj in parts:
         # Never persist a broken state: the previous checkpoint stays the one to resume from. Buffers count too
         # (a non-finite input poisons BatchNorm running statistics even when the update is skipped).
         bad = next((k for k, v in _float_tensors(obj.state_dict() if obj is not None else {})
@@ -74,8 +75,8 @@ def save_run_state(
         if bad is not None:
             raise FloatingPointError(f"{name} {bad} is not finite at iteration {iteration}; checkpoint not written")
     path = save_checkpoint(
-        work_dir / f"iter_{iteration:06d}.pth", student=student, teacher=teacher, optimizer=optimizer,
-        iteration=iteration, config=config, extra=extra,
+        work_dir / f"iter_{iteration:06d}.pth", student=student, teacher=teacher, mic_teacher=mic_teacher,
+        optimizer=optimizer, iteration=iteration, config=config, extra=extra,
     )  # fmt: skip
     _point_latest(work_dir, path)
     for old in list_checkpoints(work_dir)[:-keep]:
@@ -127,14 +128,20 @@ def find_resume(work_dir: Path, resume: str, trust: bool = False) -> tuple[Path,
     return None
 
 
-def load_run_state(state: dict, *, student, teacher, optimizer, path: Path | str = "checkpoint") -> int:
+def load_run_state(
+    state: dict, *, student, teacher, optimizer, path: Path | str = "checkpoint", mic_teacher=None
+) -> int:
     """Restore the modules and optimizer in place; returns the iteration to continue from."""
     if teacher is not None and "teacher" not in state:
         raise CheckpointError(f"{path} has no teacher; it was not written by a UDA run")
+    if mic_teacher is not None and "mic_teacher" not in state:
+        raise CheckpointError(f"{path} has no MIC teacher; it was written without uda.mic alpha/pseudo_threshold")
     try:
         student.load_state_dict(state["student"])
         if teacher is not None:
             teacher.load_state_dict(state["teacher"])
+        if mic_teacher is not None:
+            mic_teacher.load_state_dict(state["mic_teacher"])
         if optimizer is not None and "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:

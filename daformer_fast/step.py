@@ -33,15 +33,23 @@ from daformer_fast.config import OptimConfig, ScheduleConfig, TrainConfig, UDACo
 from daformer_fast.data.pipeline import _norm_stats, normalize
 from daformer_fast.models.mit import DropPath, MixVisionTransformer
 from daformer_fast.models.segmentor import Segmentor, param_groups
+from daformer_fast.ops.augment import color_jitter, jitter_normalised
 from daformer_fast.ops.classmix_aug import gaussian_blur, mix, mix_and_jitter
 from daformer_fast.ops.dispatch import Impl, using_impl
-from daformer_fast.uda.augment import draw_strong_params, strong_transform_original
+from daformer_fast.uda.augment import (
+    color_jitter_original,
+    draw_strong_params,
+    gaussian_blur_original,
+    strong_transform_original,
+)
 from daformer_fast.uda.classmix import chosen_classes, class_masks_original
 from daformer_fast.uda.ema import update_ema
 from daformer_fast.uda.fdist import feature_distance
 from daformer_fast.uda.losses import seg_ce_loss
+from daformer_fast.uda.mic import block_keep_mask, draw_block_uniforms, draw_mic_aug, mic_batch, mic_threshold
 from daformer_fast.uda.pseudo_label import pseudo_label
 from daformer_fast.uda.schedule import set_lrs
+from daformer_fast.utils import to_device
 
 __all__ = ["UDAStep", "build_optimizer", "frozen_copy", "step_seed"]
 
@@ -95,12 +103,14 @@ class UDAStep:
         impl: Impl = "auto",
         rank: int = 0,
         student_fwd: Callable | None = None,
+        mic_teacher: Segmentor | None = None,
     ) -> None:
         """teacher: the EMA teacher (a frozen copy of the student; None for the supervised baselines); imnet: the
         frozen ImageNet encoder of the feature distance (None without FD). `student_fwd`: the callable that runs the
         student (its DDP wrapper; the student itself by default). `impl`: the ops implementation (`kernels.impl`);
         the original path always runs the plain-PyTorch references. `daformer_fast.build.build_training` makes all of
-        these from a config, compiled when asked."""
+        these from a config, compiled when asked. mic_teacher: the separate EMA teacher of MIC (`uda.mic`), when
+        its alpha or threshold is not `same`."""
         self.uda, self.schedule, self.student, self.optimizer = uda, schedule, student, optimizer
         self.seed, self.max_iters, self.num_classes = train.seed, train.max_iters, num_classes
         self.device, self.rank = device, rank
@@ -111,7 +121,10 @@ class UDAStep:
         if (teacher is None) != (uda.mode != "dacs") or (imnet is None) != (uda.mode != "dacs" or uda.fd_lambda == 0):
             raise ValueError(f"uda.mode={uda.mode}, fd_lambda={uda.fd_lambda} needs "
                              "a teacher for dacs and an ImageNet encoder for FD, and neither otherwise")  # fmt: skip
-        self.teacher, self.imnet = teacher, imnet
+        if (mic_teacher is None) == uda.mic.separate_teacher:
+            raise ValueError("uda.mic needs a separate MIC teacher exactly when its alpha or threshold is not 'same'")
+        self.teacher, self.imnet, self.mic_teacher = teacher, imnet, mic_teacher
+        self.mic = uda.mic if uda.mode == "dacs" and uda.mic.mode is not None else None
         self.mean, self.std = _norm_stats(device)
         self.bf16 = train.precision == "bf16"
 
@@ -120,9 +133,10 @@ class UDAStep:
 
     def train(self) -> None:
         self.student.train()
-        if self.teacher is not None:
-            self.teacher.train()
-            _teacher_inference_mode(self.teacher)
+        for teacher in (self.teacher, self.mic_teacher):
+            if teacher is not None:
+                teacher.train()
+                _teacher_inference_mode(teacher)
 
     def _autocast(self):
         if not self.bf16:
@@ -152,12 +166,50 @@ class UDAStep:
         return self.uda.fd_lambda * dist, mask
 
     @torch.no_grad()
-    def _pseudo_labels(self, target_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.teacher(target_img)
+    def _pseudo_labels(self, target_img: torch.Tensor, teacher=None, threshold=None):
+        """(labels, weights) of a teacher (DAFormer's by default) on the target images."""
+        logits = (teacher or self.teacher)(target_img)
         return pseudo_label(
-            logits, tuple(target_img.shape[-2:]), self.uda.pseudo_threshold,
+            logits, tuple(target_img.shape[-2:]), self.uda.pseudo_threshold if threshold is None else threshold,
             self.uda.pseudo_weight_ignore_top, self.uda.pseudo_weight_ignore_bottom,
         )  # fmt: skip
+
+    def _update_teachers(self, t: int) -> None:
+        """EMA of DAFormer's teacher, then of the separate MIC teacher (docs/mic.md §4), before any forward."""
+        update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
+        if self.mic_teacher is not None:
+            alpha = self.uda.alpha if self.mic.alpha == "same" else self.mic.alpha
+            update_ema(self.mic_teacher.parameters(), self.student.parameters(), t, alpha)
+
+    def _mic_pass(self, gen, img, gt, tgt, pl, pw, debug: dict | None) -> torch.Tensor:
+        """MIC's masked pass and its own backward (docs/mic.md §1-§6), after the ClassMix backward; returns the
+        (λ-weighted) loss. The original path runs the per-sample colour ops, the fast path the batched ones; both
+        from the same draws."""
+        mic = self.mic
+        if self.mic_teacher is not None:  # a separate teacher labels the unaugmented, unmasked target batch
+            with self._autocast():
+                pl, pw = self._pseudo_labels(tgt, self.mic_teacher, mic_threshold(mic, self.uda))
+        images, labels, weights = mic_batch(mic.mode, img, gt, tgt, pl, pw)
+        if mic.mode.endswith("aug"):
+            aug = draw_mic_aug(images.shape[0], gen, self.uda)
+            jitter_fn = color_jitter_original if self.original else color_jitter
+            if aug.jitter:
+                images = jitter_normalised(images, self.mean, self.std, aug.jitter_params, jitter_fn)
+            if aug.blur:
+                sigma = to_device(aug.sigma_B, images.device)
+                images = gaussian_blur_original(images, sigma) if self.original else gaussian_blur(images, sigma)
+        uniforms = to_device(draw_block_uniforms(images.shape[0], images.shape[-2:], mic.block_size, gen), self.device)
+        keep = block_keep_mask(uniforms, tuple(images.shape[-2:]), mic.ratio)
+        masked = images * keep
+        with self._autocast():
+            loss_mic = seg_ce_loss(self.student_fwd(masked), labels, weights)
+        if mic.lambda_ != 1:  # as the original: a weight of 1 is never multiplied in
+            loss_mic = mic.lambda_ * loss_mic
+        loss_mic.backward()
+        if debug is not None:
+            debug.update(mic_img=masked, mic_keep=keep[:, 0], mic_label=labels,
+                         mic_weight=weights if weights is not None else torch.ones_like(keep[:, 0]))  # fmt: skip
+        return loss_mic.detach()
 
     def _optimizer_step(self, loss_total: torch.Tensor) -> torch.Tensor:
         """Apply the update unless a loss or gradient is non-finite; returns 1.0 if skipped, else 0.0.
@@ -202,9 +254,9 @@ class UDAStep:
         return {"loss_src": loss_src.detach(), "skipped": self._optimizer_step(loss_src)}
 
     def dacs_step(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict[str, torch.Tensor]:
-        """DAFormer's iteration, batched and free of host synchronisation."""
+        """DAFormer's iteration (MIC's masked pass last, when on), batched and free of host synchronisation."""
         gen = self._begin(t)
-        update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
+        self._update_teachers(t)
         img, tgt = self._images(batch, "img"), self._images(batch, "target_img")
         gt = batch["gt"].to(self.device, non_blocking=True)
 
@@ -224,24 +276,15 @@ class UDAStep:
         mixed_img, mixed_lbl, mixed_w, mask = mix_and_jitter(img, tgt, gt, pl, pw, chosen, jitter, self.mean, self.std)
         if aug.blur:
             mixed_img = gaussian_blur(mixed_img, aug.sigma_B)
-        with self._autocast():
-            loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
-        loss_mix.backward()
-
-        skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
-        out = {
-            "loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach(),
-            "pseudo_weight": pw.amax(), "skipped": skipped,
-        }  # fmt: skip
-        if debug:
-            out["debug"] = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
-                                mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
-        return out
+        mixed = (mixed_img, mixed_lbl, mixed_w, mask)
+        loss_mix, loss_mic, panels = self._mixed_and_masked(gen, img, gt, tgt, pl, pw, mixed, fd_mask, debug)
+        return self._finish(loss_src, loss_fd, loss_mix, loss_mic, pw.amax(), panels)
 
     def dacs_step_original(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict:
-        """The same iteration in the original's order: three backward passes, per-sample loops, host reads."""
+        """The same iteration in the original's order: three backward passes (four with MIC), per-sample loops,
+        host reads."""
         gen = self._begin(t)
-        update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
+        self._update_teachers(t)
         img, tgt = self._images(batch, "img"), self._images(batch, "target_img")
         gt = batch["gt"].to(self.device)
 
@@ -265,16 +308,31 @@ class UDAStep:
         mixed_lbl = torch.cat([mix(masks[i : i + 1], gt[i : i + 1], pl[i : i + 1]) for i in range(img.shape[0])])
         mixed_w = torch.cat([mix(masks[i : i + 1], torch.ones_like(pw[i : i + 1]), pw[i : i + 1])
                              for i in range(img.shape[0])])  # fmt: skip
-        with self._autocast():
-            loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
-        loss_mix.backward()
+        mixed = (mixed_img, mixed_lbl, mixed_w, masks)
+        loss_mix, loss_mic, panels = self._mixed_and_masked(gen, img, gt, tgt, pl, pw, mixed, fd_mask, debug)
+        return self._finish(loss_src, loss_fd, loss_mix, loss_mic, torch.tensor(q), panels)
 
-        skipped = self._optimizer_step(loss_src + loss_fd + loss_mix)
-        out = {
-            "loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach(),
-            "pseudo_weight": torch.tensor(q), "skipped": skipped,
-        }  # fmt: skip
-        if debug:
-            out["debug"] = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=masks,
-                                mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask)  # fmt: skip
+    def _mixed_and_masked(self, gen, img, gt, tgt, pl, pw, mixed, fd_mask, debug: bool):
+        """The mixed loss and its backward, then MIC's masked pass (when on) on the unmixed pseudo-labels and
+        weights (mixing wrote new tensors); returns (loss_mix, loss_mic or None, debug panels or None)."""
+        mixed_img, mixed_lbl, mixed_w, mask = mixed
+        # With MIC the gradient all-reduce waits for its backward, the step's last.
+        with self.no_sync() if self.mic else contextlib.nullcontext():
+            with self._autocast():
+                loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
+            loss_mix.backward()
+        panels = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
+                      mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask) if debug else None  # fmt: skip
+        loss_mic = self._mic_pass(gen, img, gt, tgt, pl, pw, panels) if self.mic else None
+        return loss_mix, loss_mic, panels
+
+    def _finish(self, loss_src, loss_fd, loss_mix, loss_mic, pseudo_weight, panels) -> dict[str, torch.Tensor]:
+        """The single optimizer step over the summed gradients, and the step's outputs."""
+        losses = loss_src + loss_fd + loss_mix + (loss_mic if loss_mic is not None else 0.0)
+        out = {"loss_src": loss_src.detach(), "loss_fd": loss_fd.detach(), "loss_mix": loss_mix.detach()}
+        if loss_mic is not None:
+            out["loss_mic"] = loss_mic
+        out.update(pseudo_weight=pseudo_weight, skipped=self._optimizer_step(losses))
+        if panels is not None:
+            out["debug"] = panels
         return out

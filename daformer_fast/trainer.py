@@ -94,7 +94,7 @@ class Trainer(contextlib.ExitStack):
         if found is not None:
             path, state = found
             self.start = load_run_state(state, student=self.student, teacher=self.step.teacher,
-                                        optimizer=self.optimizer, path=path)  # fmt: skip
+                                        mic_teacher=self.step.mic_teacher, optimizer=self.optimizer, path=path)
             log.info("resumed from %s at iteration %d", path, self.start)
         if self.start >= cfg.train.max_iters:
             log.info("nothing to do: iteration %d >= train.max_iters %d", self.start, cfg.train.max_iters)
@@ -181,6 +181,7 @@ class Trainer(contextlib.ExitStack):
             path = save_run_state(
                 self.work_dir, t_done, student=self.student, teacher=self.step.teacher, optimizer=self.optimizer,
                 config=self.cfg, extra={"world_size": self.d.world_size}, keep=self.cfg.train.keep_checkpoints,
+                mic_teacher=self.step.mic_teacher,
             )  # fmt: skip
             log.info("saved %s", path)
         barrier(self.d)

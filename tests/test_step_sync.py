@@ -61,10 +61,11 @@ class HostReadDetector(TorchDispatchMode):
         return out
 
 
-def _cfg(path: str):
+def _cfg(path: str, mic: dict | None = None):
     return parse_config({
         "model": {"backbone": "mit_b0", "pretrained": None},
-        "uda": {"pseudo_threshold": 0.06, "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8},
+        "uda": {"pseudo_threshold": 0.06, "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8,
+                "mic": mic or {}},
         "train": {"max_iters": 4000, "path": path},
     })  # fmt: skip
 
@@ -82,12 +83,12 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _host_reads(path: str) -> list[str]:
-    _, step, optimizer = build_training(_cfg(path), DEVICE)
+def _host_reads(path: str, mic: dict | None = None) -> list[str]:
+    _, step, optimizer = build_training(_cfg(path, mic), DEVICE)
     step(_batch(0), 1600)  # creates the gradients and AdamW's state
     batch = _batch(1)
     detector = HostReadDetector()
-    nets = [m for m in (step.student, step.teacher, step.imnet) if m is not None]
+    nets = [m for m in (step.student, step.teacher, step.imnet, step.mic_teacher) if m is not None]
     detector.track([*(p for m in nets for p in m.parameters()), *(b for m in nets for b in m.buffers())])
     detector.track([p.grad for p in step.student.parameters() if p.grad is not None])
     detector.track([v for s in optimizer.state.values() for v in s.values()])
@@ -98,9 +99,14 @@ def _host_reads(path: str) -> list[str]:
     return detector.reads
 
 
+MIC = {"mode": "separatetrgaug", "block_size": 16}
+MIC_SEPARATE = {**MIC, "alpha": 0.9, "pseudo_threshold": None}
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU stand-in for a device; CUDA has its own test below")
-def test_fast_step_reads_nothing_back():
-    reads = _host_reads("fast")
+@pytest.mark.parametrize("mic", [None, MIC, MIC_SEPARATE], ids=["dacs", "mic", "mic-separate-teacher"])
+def test_fast_step_reads_nothing_back(mic):
+    reads = _host_reads("fast", mic)
     assert not reads, "host reads in the fast step:\n" + "\n".join(reads)
 
 
@@ -114,8 +120,9 @@ def test_detector_sees_the_original_paths_reads():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA device")
-def test_fast_step_is_sync_free_on_cuda():
-    _, step, _ = build_training(_cfg("fast"), DEVICE)
+@pytest.mark.parametrize("mic", [None, MIC], ids=["dacs", "mic"])
+def test_fast_step_is_sync_free_on_cuda(mic):
+    _, step, _ = build_training(_cfg("fast", mic), DEVICE)
     step(_batch(0), 1600)  # warm-up outside the debug mode (library handles, allocator, fused AdamW state)
     batch = {k: v.pin_memory() for k, v in _batch(1).items()}
     torch.cuda.synchronize()
