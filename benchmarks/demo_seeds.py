@@ -1,6 +1,6 @@
 """Train the demo configs over several seeds and summarise the final target mIoU (the README's demo results).
 
-    python benchmarks/demo_seeds.py                      # UDA vs source-only (fp32) and UDA bf16, seeds 0 1 2
+    python benchmarks/demo_seeds.py                      # UDA, source-only, UDA bf16 and MIC, seeds 0 1 2
     python benchmarks/demo_seeds.py --seeds 0 --runs uda source_only
 
 Each run is `python -m daformer_fast.train CONFIG --set train.seed=S train.work_dir=DIR ...` in its own work dir
@@ -27,6 +27,7 @@ RUNS = {
     "uda": ("configs/demo.yaml", []),
     "source_only": ("configs/demo_source_only.yaml", []),
     "uda_bf16": ("configs/demo.yaml", ["train.precision=bf16"]),
+    "mic": ("configs/demo_mic.yaml", []),
 }
 
 
