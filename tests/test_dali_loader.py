@@ -54,6 +54,8 @@ def _run(data, mode="dacs", loader="torch", start=0, stop=ITERS, **dali_kw):
     else:
         it = build_train_loader(data, mode=mode, num_classes=19, seed=0, start_iter=start, max_iters=stop,
                                 device=DEVICE if loader == "dali" else "cpu")  # fmt: skip
+        # A failed self-check would silently compare the torch loader with itself.
+        assert it.loader_check["loader"] == loader, it.loader_check
     return [{k: v.cpu() for k, v in b.items()} for b in it]
 
 

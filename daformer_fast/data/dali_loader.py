@@ -251,6 +251,10 @@ class DaliTrainLoader:
         plan_workers: torch DataLoader workers computing the plans; default data.workers // 2.
         resize: "exact" (OpenCV bit-exact, default) or "fast" (`fn.resize`, ±1 grey level); module docstring.
         prefetch: DALI prefetch queue depth (iterations in flight).
+
+    Attributes:
+        loader_check: None, or set by `loader.build_train_loader` to its `LoaderCheck` (the self-check against
+            the torch loader that this loader passed before the run trusted it).
     """
 
     def __init__(
@@ -271,6 +275,7 @@ class DaliTrainLoader:
         self.resize, self.prefetch = resize, prefetch
         self.num_threads = num_threads if num_threads is not None else max(1, data.workers)
         self.plan_workers = plan_workers if plan_workers is not None else data.workers // 2
+        self.loader_check: dict | None = None
 
     def __len__(self) -> int:
         return max(self.max_iters - self.start_iter, 0)
