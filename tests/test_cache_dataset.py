@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from daformer_fast.config import parse_config
-from daformer_fast.data.datasets import DatasetError, read_image, read_label, rescale_size
+from daformer_fast.data.datasets import DatasetError, list_samples, read_image, read_label, rescale_size
+from daformer_fast.data.npy_cache import NPY_INDEX, npy_file_size
 from daformer_fast.data.pipeline import resize_pair
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
 from daformer_fast.tools.cache_dataset import cache_dataset, cache_dir, main
@@ -173,3 +175,155 @@ def test_cli_errors(bench, tmp_path, capsys):
     assert "beta_000001_000019_leftImg8bit.png" in capsys.readouterr().err
     assert main(args) == 0
     assert "1 unreadable images skipped" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --format npy: the decode-free cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _npy_cache(data: dict, out: Path, side: str = "source"):
+    ds = getattr(parse_config(data).data, side)
+    return cache_dataset(ds, out, fmt="npy", quiet=True, say=None)
+
+
+def _with_root(data: dict, side: str, root: Path, scale=None) -> dict:
+    d = json.loads(json.dumps(data))
+    d["data"][side]["root"] = str(root)
+    if scale is not None:
+        d["data"][side]["scale"] = scale
+    return d
+
+
+def test_npy_cli_round_trip_disk_use_and_identical_batches(bench, tmp_path, capsys):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(json.dumps(_data(bench)))
+    out = tmp_path / "cache"
+    assert main([str(cfg_file), "--out", str(out), "--format", "npy", "--nproc", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    # 10 images 72x48x3 and 10 labels 72x48, each behind a 128-byte .npy header: 10 * (10496 + 3584) = 140800 bytes.
+    assert npy_file_size((48, 72, 3)) == 128 + 48 * 72 * 3 and npy_file_size((48, 72)) == 128 + 48 * 72
+    assert "gta at 80x48: 10 images, 0.1 MB" in printed
+    src_cache, tgt_cache = out / "source_80x48_npy", out / "target_train_72x40_npy"
+    overrides = shlex.split(printed.strip().splitlines()[-1].strip())[1:]
+    assert overrides == [f"data.source.root={src_cache}", "data.source.scale=[80,48]",
+                         f"data.target.root={tgt_cache}", "data.target.scale=[72,40]"]  # fmt: skip
+    files = sorted(p.relative_to(src_cache).as_posix() for p in src_cache.rglob("*.npy"))
+    labels = [f"labels/{i:05d}_labelTrainIds.npy" for i in range(10)]
+    assert files == [f"images/{i:05d}.npy" for i in range(10)] + labels
+    assert sum(p.stat().st_size for p in src_cache.rglob("*.npy")) == 140800
+
+    # Round trip: every array is resize_pair's output of the original, bit for bit, uint8 C-order.
+    orig = bench / "source"
+    for i in range(10):
+        img, lbl = resize_pair(read_image(orig / "images" / f"{i:05d}.png"),
+                               read_label(orig / "labels" / f"{i:05d}_labelTrainIds.png"), (80, 48))  # fmt: skip
+        a, b = np.load(src_cache / "images" / f"{i:05d}.npy"), np.load(src_cache / labels[i])
+        assert a.dtype == b.dtype == np.uint8 and a.shape == (48, 72, 3) and b.shape == (48, 72)
+        np.testing.assert_array_equal(a, img)
+        np.testing.assert_array_equal(b, lbl)
+    # RCS statistics: the same counts, the label paths renamed to the cached files.
+    stats, cached = json.loads((orig / STATS[0]).read_text()), json.loads((src_cache / STATS[0]).read_text())
+    assert [{k: v for k, v in s.items() if k != "file"} for s in stats] == \
+           [{k: v for k, v in s.items() if k != "file"} for s in cached]  # fmt: skip
+    assert [s["file"] for s in cached] == [Path(s["file"]).with_suffix(".npy").as_posix() for s in stats]
+    assert all((src_cache / s["file"]).is_file() for s in cached)
+    index = json.loads((src_cache / NPY_INDEX).read_text())
+    assert index["complete"] and index["scale"] == [80, 48] and len(index["samples"]) == 10
+    assert index["source"]["files"][3] == ["images/00003.png", "labels/00003_labelTrainIds.png", 64, 96]
+    assert index["samples"][3] == ["00003", "images/00003.npy", "labels/00003_labelTrainIds.npy", 48, 72]
+
+    # Same plan, same seed: byte-identical batches to the PNG originals, in every mode.
+    base, cached_cfg = parse_config(_data(bench)), parse_config(_data(bench), overrides)
+    _assert_same(_batches(base), _batches(cached_cfg))
+    _assert_same(_batches(base, "target_only", 2), _batches(cached_cfg, "target_only", 2))
+    _assert_same(_batches(base, "source_only", 3), _batches(cached_cfg, "source_only", 3))
+
+    # Resumable and idempotent: a second run writes nothing and touches no file.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main([str(cfg_file), "--out", str(out), "--format", "npy", "--nproc", "1", "--quiet"]) == 0
+    assert "0 files written, 20 already cached" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+
+
+def test_npy_resume_completes_missing_and_truncated_files(bench, tmp_path):
+    res = _npy_cache(_data(bench), tmp_path / "c")
+    assert (res.written, res.kept, res.skipped) == (20, 0, [])
+    lbl = res.root / "labels" / "00002_labelTrainIds.npy"
+    lbl.unlink()
+    img = res.root / "images" / "00005.npy"
+    full = np.load(img)
+    img.write_bytes(img.read_bytes()[:500])  # an interrupted copy
+    res = _npy_cache(_data(bench), tmp_path / "c")
+    assert (res.written, res.kept) == (2, 18)
+    np.testing.assert_array_equal(np.load(img), full)
+    assert lbl.is_file()
+
+
+def test_npy_refusals_name_what_differs(bench, tmp_path):
+    root = tmp_path / "syn"
+    shutil.copytree(bench / "source", root / "source")
+    data = _with_root(_data(bench), "source", root / "source")
+    cache = _npy_cache(data, tmp_path / "c").root
+    use = _with_root(data, "source", cache)
+    assert len(list_samples(parse_config(use).data.source)) == 10
+
+    def refused(d: dict, match: str):
+        with pytest.raises(DatasetError, match=match):
+            list_samples(parse_config(d).data.source)
+
+    refused(_with_root(data, "source", cache, [72, 40]), r"built at scale 80x48, the config asks for 72x40")
+    other = json.loads(json.dumps(use))
+    other["data"]["source"]["name"] = "synthia"
+    refused(other, r"built for name 'gta', the config has 'synthia'")
+    # The cache's statistics replaced.
+    stats = cache / STATS[0]
+    kept = stats.read_bytes()
+    stats.write_text("[]")
+    refused(use, r"statistics files changed since it was built \(sample_class_stats\.json\)")
+    stats.write_bytes(kept)
+    # The source dataset changed: another statistics file, another file list.
+    src_stats = root / "source" / STATS[2]
+    src_stats.write_text("{}")
+    refused(use, r"source dataset .* changed since: the source statistics differ \(samples_with_class\.json\)")
+    with pytest.raises(DatasetError, match=r"another dataset version: the source statistics differ"):
+        _npy_cache(data, tmp_path / "c")
+    shutil.copy(bench / "source" / STATS[2], src_stats)
+    moved = root / "source" / "images" / "00009.png"
+    moved.rename(moved.with_name("00009.bak"))
+    refused(use, r"source file list differs \(10 files then, 9 now")
+    moved.with_name("00009.bak").rename(moved)
+    assert len(list_samples(parse_config(use).data.source)) == 10  # back as it was: accepted again
+    # Another image size: seen by the tool when it resumes (it reads every source header).
+    big = np.zeros((70, 100, 3), np.uint8)
+    Image.fromarray(big).save(root / "source" / "images" / "00003.png")
+    Image.fromarray(big[..., 0]).save(root / "source" / "labels" / "00003_labelTrainIds.png")
+    with pytest.raises(DatasetError, match=r"source image sizes differ: images/00003\.png was 96x64, is 100x70 now"):
+        _npy_cache(data, tmp_path / "c")
+    # An interrupted build is not used.
+    index = json.loads((cache / NPY_INDEX).read_text())
+    (cache / NPY_INDEX).write_text(json.dumps({**index, "complete": False}))
+    refused(use, r"incomplete")
+
+
+def test_npy_refuses_without_disk_space_and_skips_unreadable(bench, tmp_path, monkeypatch, capsys):
+    import daformer_fast.tools.cache_npy as cache_npy
+
+    monkeypatch.setattr(cache_npy.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000))
+    ds = parse_config(_data(bench)).data.source
+    with pytest.raises(DatasetError, match=r"not enough disk space .* it needs 0\.1 MB, 0\.0 MB are free"):
+        cache_dataset(ds, tmp_path / "c", fmt="npy", quiet=True)
+    assert "gta at 80x48: 10 images, 0.1 MB" in capsys.readouterr().out
+    assert not list((tmp_path / "c").rglob("*.npy")) and not list((tmp_path / "c").rglob(NPY_INDEX))
+    monkeypatch.undo()
+    root = tmp_path / "syn"
+    shutil.copytree(bench / "source", root / "source")
+    bad = root / "source" / "images" / "00004.png"
+    bad.write_bytes(b"garbage")
+    data = _with_root(_data(bench), "source", root / "source")
+    res = _npy_cache(data, tmp_path / "c")
+    assert (res.written, len(res.skipped)) == (18, 1) and str(bad) in res.skipped[0]
+    names = [s.name for s in list_samples(parse_config(_with_root(data, "source", res.root)).data.source)]
+    assert names == [f"{i:05d}" for i in range(10) if i != 4]
+    with pytest.raises(DatasetError, match=r"cannot read image .*00004\.png"):
+        cache_dataset(parse_config(data).data.source, tmp_path / "c", fmt="npy", strict=True, quiet=True)

@@ -17,6 +17,11 @@ OS order) the lists are sorted, so runs do not depend on the file system.
 
 Reading follows docs/recipe.md §1.3: images through OpenCV (BGR → RGB, uint8), labels through Pillow in their stored
 mode (a palette PNG gives its indices, not colours), cast to uint8. Resizing follows §1.6 (mmcv `imrescale`).
+
+A root holding `npy_cache.NPY_INDEX` is a decode-free cache (`python -m daformer_fast.tools.cache_dataset CONFIG
+--format npy`): `list_samples` takes its samples from the index after checking it against the config and the source
+dataset (`npy_cache.list_cached_samples`), and `read_image` / `read_label` read `.npy` files (uint8 H×W×3 RGB /
+H×W, already at the training scale) without decoding; `read_npy_header` gives a file's shape without its data.
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ from PIL import Image
 from daformer_fast.config import DatasetConfig
 
 __all__ = [
+    "NPY_SUFFIX",
     "DatasetError",
+    "NpyHeader",
     "Sample",
     "list_samples",
     "read_image",
     "read_label",
+    "read_npy_header",
     "rescale_size",
     "resize_image",
     "resize_label",
@@ -54,6 +62,8 @@ class Sample:
     """None when the label file does not exist (only possible with `need_labels=False`)."""
     name: str
     """Image path relative to the image folder, without the image suffix, '/'-separated (unique per dataset)."""
+    hw: tuple[int, int] | None = None
+    """(h, w) of the image as an npy cache's index records it (the planner checks the file against it); else None."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,10 @@ def list_samples(ds: DatasetConfig, need_labels: bool = True) -> list[Sample]:
     Raises:
         DatasetError: no image matches the layout's pattern, or (with `need_labels`) some labels are missing.
     """
+    if (Path(ds.root) / "npy_index.json").is_file():
+        from daformer_fast.data.npy_cache import list_cached_samples  # imports this module
+
+        return list_cached_samples(ds, need_labels)
     img_dir, label_dir, img_suffixes, label_suffix = _resolve_dirs(ds)
     images = _scan(img_dir, img_suffixes) if img_dir.is_dir() else []
     if not images:
@@ -137,8 +151,58 @@ def list_samples(ds: DatasetConfig, need_labels: bool = True) -> list[Sample]:
     return samples
 
 
+NPY_SUFFIX = ".npy"
+"""File suffix of the npy cache's arrays; `read_image` and `read_label` read such files with numpy."""
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What the header of a `.npy` file says about its array."""
+
+    shape: tuple[int, ...]
+    offset: int
+    """Byte offset of the array data in the file (the header's length)."""
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.shape[0], self.shape[1]
+
+
+def read_npy_header(path: str | Path, ndim: int | None = None) -> NpyHeader:
+    """Shape and data offset of a uint8 C-order `.npy` file, read from its header only (no data read).
+
+    Raises:
+        DatasetError: the file does not open or has no valid header, is not uint8 C-order (or not `ndim`-D, images
+            must be H×W×3), or is shorter than its header promises (a truncated copy).
+    """
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+    if dtype != np.uint8 or fortran or (ndim is not None and len(shape) != ndim) or (ndim == 3 and shape[2] != 3):
+        raise DatasetError(f"{path}: a {dtype} {'Fortran-order ' if fortran else ''}array of shape {shape}; "
+                           f"expected uint8 C-order {'H×W×3' if ndim == 3 else 'H×W'}")  # fmt: skip
+    if size < offset + int(np.prod(shape)):
+        raise DatasetError(f"truncated {path}: {size} bytes, its header promises {offset + int(np.prod(shape))}")
+    return NpyHeader(tuple(int(n) for n in shape), offset)
+
+
+def _read_npy(path: str | Path, ndim: int) -> np.ndarray:
+    read_npy_header(path, ndim)  # a clear message for a truncated or foreign file
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path}: {e}") from None
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 H×W×3 RGB image, decoded with OpenCV as the original does."""
+    """uint8 H×W×3 RGB image, decoded with OpenCV as the original does (a `.npy` of the cache: read as stored)."""
+    if str(path).endswith(NPY_SUFFIX):
+        return _read_npy(path, 3)
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"cannot read image {path}")
@@ -146,7 +210,10 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_label(path: str | Path) -> np.ndarray:
-    """uint8 H×W label map, read with Pillow in the file's own mode (palette PNGs give indices)."""
+    """uint8 H×W label map, read with Pillow in the file's own mode (palette PNGs give indices); a `.npy` of the
+    cache is read as stored."""
+    if str(path).endswith(NPY_SUFFIX):
+        return _read_npy(path, 2)
     try:
         with Image.open(path) as im:
             lbl = np.array(im)  # a writable copy (asarray of a PIL image is read-only)

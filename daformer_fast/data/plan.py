@@ -25,7 +25,11 @@ batches by construction, and their images agree as far as their resize arithmeti
 
 The planner reads every label itself (the crop rules need the resized label) and leaves images to the
 executor's `ImageReader`: the torch loader decodes the image there, so an image that does not decode is skipped;
-DALI reads only the header and decodes later.
+DALI reads only the header and decodes later. Images of an npy cache (`npy_cache`; `.npy` paths) never reach the
+`ImageReader`: the planner reads their size from the `.npy` header (`datasets.read_npy_header`, no data read; a
+truncated file is unreadable and skipped like an image that does not decode) and checks it against the cache's
+index; `SidePlan.image` is then None and `size_hw == src_hw` (the cache holds the resized images), so the executor
+only cuts the crop out of the file (`npy_cache.read_npy_crop`).
 
 Without RCS, the original draws (source, target) pairs from a shuffled |S|·|T| product; here each is drawn
 uniformly and independently per item, which has the same distribution for a run of 40k iterations.
@@ -44,7 +48,16 @@ from typing import Literal
 import numpy as np
 
 from daformer_fast.config import DataConfig, DatasetConfig
-from daformer_fast.data.datasets import DatasetError, Sample, list_samples, read_label, rescale_size, resize_label
+from daformer_fast.data.datasets import (
+    NPY_SUFFIX,
+    DatasetError,
+    Sample,
+    list_samples,
+    read_label,
+    read_npy_header,
+    rescale_size,
+    resize_label,
+)
 from daformer_fast.data.pipeline import IGNORE, apply_crop
 from daformer_fast.data.rcs import RareClassSampler, load_class_stats
 
@@ -276,7 +289,13 @@ class ItemPlanner:
     def _read(self, side: Side, i: int):
         """(sample, image (h, w), what the reader decoded, label or None) of sample i of `side`."""
         s = side.samples[i]
-        hw, image = self.read_image(s.img)
+        if str(s.img).endswith(NPY_SUFFIX):
+            hw, image = read_npy_header(s.img, 3).hw, None
+            if s.hw is not None and hw != s.hw:
+                raise _Fatal(f"{s.img} is {hw[1]}x{hw[0]}, its npy cache index says {s.hw[1]}x{s.hw[0]}: the cache "
+                             f"was modified after it was built; rebuild it")  # fmt: skip
+        else:
+            hw, image = self.read_image(s.img)
         lbl = None
         if side.labelled:
             lbl = read_label(s.label)

@@ -4,7 +4,8 @@ Item `k` of `TrainDataset` is sample `j = k mod B` of iteration `t = k div B` on
 makes all of its random decisions from (seed, rank, t, j), so a resumed run draws exactly the batches an
 uninterrupted run would, whatever the number of workers. The loader's state is just the iteration to start from.
 This module decodes the images (an image that does not decode is skipped by the planner), resizes them, and cuts,
-flips and pads the planned crop.
+flips and pads the planned crop. From an npy cache (`npy_cache`) nothing is decoded or resized: each `.npy` is
+memory-mapped and only the rows and columns of the crop box are read.
 
 Batch contract (both loaders): `img` uint8 (B,3,h,w) RGB, `gt` int64 (B,h,w) with 255 = ignore, `target_img`
 uint8 (B,3,h,w) in `dacs` mode, `rcs_class` int64 (B,) (−1 without RCS), `failed` int64 (B,) the number of
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from daformer_fast.config import DataConfig
 from daformer_fast.data.datasets import DatasetError, read_image, resize_image
+from daformer_fast.data.npy_cache import read_npy_crop
 from daformer_fast.data.pipeline import apply_crop
 from daformer_fast.data.plan import ItemPlanner, Mode, SidePlan
 
@@ -39,9 +41,16 @@ def decode_image(path: Path) -> tuple[tuple[int, int], np.ndarray]:
 
 
 def _crop_image(side: SidePlan, crop: tuple[int, int]) -> torch.Tensor:
-    """The planned crop of the decoded image: resize, cut, flip, pad; (3, h, w) uint8."""
-    img = resize_image(side.image, (side.size_hw[1], side.size_hw[0]))
-    return torch.from_numpy(apply_crop(img, side.box, side.flip, crop, 0)).permute(2, 0, 1).contiguous()
+    """The planned crop of the decoded image: resize, cut, flip, pad; (3, h, w) uint8. An npy cache image (no
+    decoded image in the plan, already at `size_hw`) is cut from its memory map instead."""
+    if side.image is None:
+        y0, y1, x0, x1 = side.box
+        part = read_npy_crop(side.img_path, side.box)  # apply_crop copies it out of the map
+        out = apply_crop(part, (0, y1 - y0, 0, x1 - x0), side.flip, crop, 0)
+    else:
+        img = resize_image(side.image, (side.size_hw[1], side.size_hw[0]))
+        out = apply_crop(img, side.box, side.flip, crop, 0)
+    return torch.from_numpy(out).permute(2, 0, 1).contiguous()
 
 
 class TrainDataset(Dataset):

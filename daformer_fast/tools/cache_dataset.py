@@ -1,6 +1,14 @@
 """Pre-resize the training datasets of a config once to their training scale, for faster loading.
 
     python -m daformer_fast.tools.cache_dataset CONFIG [--set k=v ...] [--out DIR] [--nproc N] [--png-level L]
+                                                [--format png|npy]
+
+`--format png` (the default) is described here; `--format npy` writes the decode-free cache of
+`daformer_fast.data.npy_cache` (one uncompressed uint8 `.npy` per image and label, because DALI's numpy reader reads
+one file per sample, with ROI arguments for the crop; the torch loader memory-maps each file and reads only the crop)
+to `DIR/<dataset folder>[_<split>]_<long>x<short>_npy/`, by the same resize rule and with the same fixed-point
+guarantee, atomic, idempotent and resumable too (`tools.cache_npy`). It prints the disk use first and refuses to
+start without the free space it needs. Both formats end by printing the `--set` overrides that train from the cache.
 
 For `data.source` and `data.target` of the config, every image (and label, where one exists) is read exactly as the
 training loaders read it, resized with `pipeline.resize_pair` (mmcv keep-ratio rule, bilinear image, nearest label)
@@ -23,9 +31,10 @@ Decode time of one 1280x704 RGB image (OpenCV, one CPU core of the 2-core develo
 cache; three contents: flat synthetic source render, noisy synthetic target render, a photo): PNG level 0
 7.6 / 10.0 / 17.6 ms (2.71 MB), level 1 20.6 / 29.0 / 30.6 ms (1.20 / 1.37 / 1.47 MB), level 3-6 about the same
 as level 1 but slower to write; `.npy` 0.4 ms (2.70 MB); the original path (a 1914x1052 GTA-size PNG decoded and
-resized) 57 ms. `.npy` decodes fastest but is not used: the loaders read images by their layout's `.png` names with
-OpenCV (and DALI), so a `.npy` copy would not be a dataset of the same kind. PNG level 1 (the default) roughly
-halves the decode time of the original path at half the disk space of level 0 (raw-size files: ~67 GB for GTA).
+resized) 57 ms. PNG level 1 (the default) roughly halves the decode time of the original path at half the disk space
+of level 0; `.npy` (`--format npy`) needs no decode at all at the disk space of level 0 (raw size: ~67 GB for GTA),
+and the loaders read only the crop of it. A PNG copy is a dataset of the same kind as the original (same layout
+and names); an npy copy is recognised by its index (`npy_cache.NPY_INDEX`).
 
 Files keep their names: a `.jpg` of a folder dataset then holds PNG data (OpenCV and Pillow detect the format
 from the file content, not the name). Files are written atomically; a re-run keeps every existing file (idempotent)
@@ -52,14 +61,13 @@ import numpy as np
 from tqdm import tqdm
 
 from daformer_fast.config import ConfigError, DatasetConfig, load_config
-from daformer_fast.data.datasets import DatasetError, Sample, list_samples, read_image, read_label, rescale_size
-from daformer_fast.data.pipeline import resize_pair
+from daformer_fast.data.datasets import DatasetError, Sample, list_samples
+from daformer_fast.data.npy_cache import METADATA_FILES
+from daformer_fast.tools.cache_npy import build_npy_cache, load_resized
 
 __all__ = ["CacheResult", "cache_dataset", "cache_dir", "main"]
 
 log = logging.getLogger("daformer_fast.data")
-STATS_FILES = ("sample_class_stats.json", "sample_class_stats_dict.json", "samples_with_class.json")
-SPLIT_LISTS = ("train.txt", "val.txt", "test.txt")
 MANIFEST = "cache_info.json"
 
 
@@ -75,12 +83,15 @@ class CacheResult:
     """Messages of unreadable source files, which are not in the cache."""
 
 
-def cache_dir(ds: DatasetConfig, out: str | Path) -> Path:
-    """`out/<dataset folder>[_<split>]_<long>x<short>`; the split is named only for layouts that have one."""
+def cache_dir(ds: DatasetConfig, out: str | Path, fmt: str = "png") -> Path:
+    """`out/<dataset folder>[_<split>]_<long>x<short>[_npy]`; the split is named only for layouts that have one,
+    `_npy` only for the npy format."""
     parts = [Path(ds.root).resolve().name or ds.name]
     if ds.name not in ("gta", "synthia") and ds.split:
         parts.append(ds.split.replace("/", "-"))
     parts.append(f"{max(ds.scale)}x{min(ds.scale)}")
+    if fmt == "npy":
+        parts.append("npy")
     return Path(out) / "_".join(parts)
 
 
@@ -108,22 +119,10 @@ def _cache_one(
     kept = (not todo_img) + (lbl_out is not None and not todo_lbl)
     if not (todo_img or todo_lbl):
         return 0, kept, None
-    try:
-        img = read_image(s.img)
-        lbl = read_label(s.label) if s.label is not None else None
-    except DatasetError as e:
-        if strict:
-            raise
-        return 0, kept, str(e)
-    if lbl is not None and lbl.shape != img.shape[:2]:
-        raise DatasetError(
-            f"image/label size mismatch: {s.img} is {img.shape[1]}x{img.shape[0]}, "
-            f"{s.label} is {lbl.shape[1]}x{lbl.shape[0]}"
-        )
-    img, lbl = resize_pair(img, lbl, scale)
-    size = (img.shape[1], img.shape[0])
-    if rescale_size(size[0], size[1], scale) != size:  # the module docstring's fixed point; never expected to fail
-        raise DatasetError(f"{s.img}: resized size {size} is not a fixed point of scale {tuple(scale)}; cannot cache")
+    got = load_resized(s, scale, strict)
+    if isinstance(got, str):
+        return 0, kept, got
+    img, lbl = got
     written = 0
     if todo_img:
         _atomic_write_bytes(img_out, _png(np.ascontiguousarray(img[..., ::-1]), level))  # RGB -> BGR for OpenCV
@@ -141,8 +140,11 @@ def _relative(path: Path, root: Path) -> Path:
         raise DatasetError(f"{path} is not below the dataset root {root}") from None
 
 
-def _rewrite_path(p: str, src_root: Path) -> str:
-    """Stats paths relative to the root stay as they are; absolute ones below the original root become relative."""
+def _rewrite_path(p: str, src_root: Path, suffix: str | None = None) -> str:
+    """Stats paths relative to the root stay as they are; absolute ones below the original root become relative;
+    with `suffix` (the npy cache) the file suffix is replaced by it."""
+    if suffix is not None:
+        return Path(_rewrite_path(p, src_root)).with_suffix(suffix).as_posix()
     if not os.path.isabs(p):
         return p
     for root in (src_root, src_root.resolve()):
@@ -153,8 +155,8 @@ def _rewrite_path(p: str, src_root: Path) -> str:
     return p  # elsewhere: kept; RCS matches entries by base name only
 
 
-def _rewrite_stats(name: str, obj, src_root: Path):
-    fix = partial(_rewrite_path, src_root=src_root)
+def _rewrite_stats(name: str, obj, src_root: Path, suffix: str | None = None):
+    fix = partial(_rewrite_path, src_root=src_root, suffix=suffix)
     if name == "sample_class_stats.json" and isinstance(obj, list):
         return [{**s, "file": fix(s["file"])} if isinstance(s, dict) and "file" in s else s for s in obj]
     if name == "sample_class_stats_dict.json" and isinstance(obj, dict):
@@ -164,10 +166,11 @@ def _rewrite_stats(name: str, obj, src_root: Path):
     return obj
 
 
-def _copy_metadata(src_root: Path, dst_root: Path) -> list[str]:
-    """Copy the RCS statistics (paths made relative) and split lists; unchanged files are not rewritten."""
+def _copy_metadata(src_root: Path, dst_root: Path, suffix: str | None = None) -> list[str]:
+    """Copy the RCS statistics (paths made relative, file suffixes replaced by `suffix` if given) and split lists;
+    unchanged files are not rewritten."""
     copied = []
-    for name in STATS_FILES + SPLIT_LISTS:
+    for name in METADATA_FILES:
         src = src_root / name
         if not src.is_file():
             continue
@@ -176,7 +179,7 @@ def _copy_metadata(src_root: Path, dst_root: Path) -> list[str]:
                 obj = json.loads(src.read_text())
             except (OSError, ValueError) as e:
                 raise DatasetError(f"cannot read {src}: {e}") from None
-            data = json.dumps(_rewrite_stats(name, obj, src_root), indent=2).encode()
+            data = json.dumps(_rewrite_stats(name, obj, src_root, suffix), indent=2).encode()
         else:
             data = src.read_bytes()
         dst = dst_root / name
@@ -208,16 +211,29 @@ def _check_manifest(dst_root: Path, ds: DatasetConfig) -> None:
 
 def cache_dataset(
     ds: DatasetConfig, out: str | Path, *, nproc: int = 1, png_level: int = 1, strict: bool = False,
-    quiet: bool = False, desc: str = "cache",
+    quiet: bool = False, desc: str = "cache", fmt: str = "png", say=print,
 ) -> CacheResult:  # fmt: skip
-    """Write the resized copy of `ds` to `cache_dir(ds, out)` (module docstring) and return where it is."""
+    """Write the resized copy of `ds` to `cache_dir(ds, out, fmt)` (module docstring) and return where it is.
+
+    `fmt`: "png" or "npy" (`tools.cache_npy`, which prints its disk-use line through `say`; None: silent).
+    """
     if not 0 <= png_level <= 9:
         raise ValueError(f"png_level must be in 0..9, got {png_level}")
+    if fmt not in ("png", "npy"):
+        raise ValueError(f"fmt must be png or npy, got {fmt!r}")
     src_root = Path(ds.root)
-    samples = list_samples(ds, need_labels=False)
-    dst_root = cache_dir(ds, out)
+    dst_root = cache_dir(ds, out, fmt)
     if dst_root.resolve() == src_root.resolve():
         raise DatasetError(f"the cache folder {dst_root} is the dataset itself; choose another --out")
+    if fmt == "npy":
+        written, kept, skipped = build_npy_cache(
+            ds, dst_root, copy_metadata=partial(_copy_metadata, src_root, dst_root, ".npy"), nproc=nproc,
+            strict=strict, quiet=quiet, desc=desc, say=say,
+        )  # fmt: skip
+        for msg in skipped:
+            log.warning("not cached (unreadable, skipped at training time too): %s", msg)
+        return CacheResult(dst_root, written, kept, skipped)
+    samples = list_samples(ds, need_labels=False)
     dst_root.mkdir(parents=True, exist_ok=True)
     _check_manifest(dst_root, ds)
     jobs = [
@@ -247,6 +263,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0..9",
                    help="PNG compression level: 0 = fastest decode, twice the disk space (default: 1)")  # fmt: skip
+    p.add_argument("--format", choices=["png", "npy"], default="png",
+                   help="png: a dataset of the same layout; npy: decode-free uint8 arrays (default: png)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -259,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in ("source", "target"):
             ds = getattr(cfg.data, side)
             res = cache_dataset(ds, args.out, nproc=args.nproc, png_level=args.png_level, strict=cfg.data.strict,
-                                quiet=args.quiet, desc=f"cache {side} ({ds.name})")  # fmt: skip
+                                quiet=args.quiet, desc=f"cache {side} ({ds.name})", fmt=args.format)  # fmt: skip
             skipped = f", {len(res.skipped)} unreadable images skipped (see warnings)" if res.skipped else ""
             print(f"{side}: {ds.name} {ds.root} -> {res.root} at scale {max(ds.scale)}x{min(ds.scale)}: "
                   f"{res.written} files written, {res.kept} already cached{skipped}")  # fmt: skip
