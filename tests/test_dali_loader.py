@@ -6,6 +6,9 @@ fixed-point INTER_LINEAR arithmetic on gathered pixels (see `dali_loader`'s docs
 fixed-point vertical pass and ends ~1/8 grey level lower on average, so ~12 % of resized pixels differ by
 exactly 1; that mode is held to max |diff| <= 1 and a mean |diff| below 0.2, with identical labels and draws.
 
+From an npy cache (`tools.cache_dataset --format npy`: images stored at the training scale) DALI reads the crop
+with `fn.readers.numpy` and must equal both the torch loader on the cache and the torch loader on the PNGs.
+
 Also: resume from start_iter = the tail of a run from 0; skipped unreadable files are redrawn identically;
 `build_train_loader`'s choice (auto → torch on CPU; dali forced without DALI → a clear error).
 """
@@ -121,6 +124,39 @@ def test_fast_resize_within_one_grey_level(bench):
         for k in ("img", "target_img"):
             d = (a[k].int() - b[k].int()).abs()
             assert d.max() <= 1 and d.float().mean() < 0.2, (k, d.max(), d.float().mean())
+
+
+def _npy_cached(data, out: Path, sides=("source", "target")):
+    from daformer_fast.tools.cache_dataset import cache_dataset
+
+    """`data` with the datasets of `sides` replaced by their npy caches, written under `out`."""
+    roots = {side: cache_dataset(getattr(data, side), out, fmt="npy", quiet=True, say=None).root for side in sides}
+    return dataclasses.replace(data, **{s: dataclasses.replace(getattr(data, s), root=str(r))
+                                        for s, r in roots.items()})  # fmt: skip
+
+
+@pytest.mark.parametrize("sides", [("source", "target"), ("target",)])
+def test_dali_reads_npy_cache_like_torch(bench, tmp_path, monkeypatch, sides):
+    pytest.importorskip("nvidia.dali")
+    from daformer_fast.data import dali_loader
+
+    monkeypatch.setattr(dali_loader, "NPY_CHUNK_ITERS", 2)  # 5 iterations: pipelines of 2, 2 and 1 iterations
+    data = _data(bench, crop=(64, 64))  # 112x56 source, 96x48 target: clipped and padded crops too
+    cached = _npy_cached(data, tmp_path, sides)
+    ds = dali_loader.PlanDataset(cached, mode="dacs", num_classes=19, seed=0)
+    item = ds[0]
+    assert item["target_img_path"].endswith(".npy") and len(item["target_img"]) == 3  # ROI start, end, flip
+    assert item["img_path"].endswith(".npy") == ("source" in sides)
+    ref = _run(data)
+    assert (ref[0]["gt"] == 255).any()
+    _assert_same(ref, _run(cached))  # the torch loader on the cache: the PNG batches
+    built = []
+    build = dali_loader._build_pipeline
+    monkeypatch.setattr(dali_loader, "_build_pipeline", lambda *a, **kw: built.append(kw["files"]) or build(*a, **kw))
+    _assert_same(ref, _run(cached, loader="dali"))
+    # The self-check's pipeline (2 iterations), then the run's: files in plan order, 2 samples per iteration.
+    assert [len(f[1]) for f in built] == [4, 4, 4, 2] and all((f[0] is None) == ("source" not in sides) for f in built)
+    _assert_same(ref[3:], _run(cached, loader="dali", start=3))
 
 
 def test_auto_picks_torch_on_cpu(bench, caplog, monkeypatch):

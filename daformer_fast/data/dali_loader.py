@@ -27,6 +27,13 @@ values). It reproduces OpenCV's SIMD code path (every x86/ARM build); an OpenCV 
 differently and the torch loader itself would then differ from the original. `resize="fast"` uses one
 `fn.resize` over the crop's source window instead: fewer operators, ±1 grey level from OpenCV.
 
+An npy cache (`npy_cache`: `.npy` images already at the training scale) is neither decoded nor resized:
+`fn.readers.numpy` reads only the rows and columns of the planned crop (its ROI arguments; on the GPU when the
+loader's device is CUDA, through GPUDirect Storage), then flip, pad and CHW as above, bit-identical to the torch
+loader. A DALI reader takes its file list when the pipeline is built and cannot be given a file per sample
+afterwards, so with an npy side the loader plans `NPY_CHUNK_ITERS` iterations ahead, builds a pipeline whose reader
+lists their files in plan order, runs it, and builds the next one.
+
 Differences from the torch loader, by design: an image whose header reads but whose data is corrupt is not
 skipped (the host never decodes images) and stops the run with the DALI error; `rcs_class`, `failed`,
 `valid_hw` and `target_valid_hw` stay on the host (the failure monitor reads `failed` every step and `normalize`
@@ -36,6 +43,7 @@ checks `valid_hw` there; a device copy would cost a sync).
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -46,10 +54,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from daformer_fast.config import DataConfig
-from daformer_fast.data.datasets import DatasetError
-from daformer_fast.data.plan import ItemPlanner, Mode, SidePlan
+from daformer_fast.data.datasets import NPY_SUFFIX, DatasetError
+from daformer_fast.data.plan import ItemPlanner, Mode, Side, SidePlan
 
-__all__ = ["DaliTrainLoader", "PlanDataset", "dali_available", "read_image_header", "resize_taps"]
+__all__ = ["NPY_CHUNK_ITERS", "DaliTrainLoader", "PlanDataset", "dali_available", "read_image_header", "resize_taps"]
+
+NPY_CHUNK_ITERS = 64
+"""Iterations one DALI pipeline runs when a side reads an npy cache (module docstring): its plans are made before
+the pipeline is built (a pause of that many plans every that many iterations) and a new pipeline is built after."""
 
 Resize = Literal["exact", "fast"]
 _OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw")
@@ -142,6 +154,16 @@ def _fast_args(side: SidePlan) -> list[np.ndarray]:
 _N_GEOM = {"exact": 22, "fast": 3}
 
 
+def _is_npy(side: Side | None) -> bool:
+    """Whether a side's images are `.npy` files of a cache (a root is a cache or not: one sample tells)."""
+    return side is not None and bool(side.samples) and str(side.samples[0].img).endswith(NPY_SUFFIX)
+
+
+def _n_inputs(npy: bool, resize: Resize) -> int:
+    """Pipeline inputs of one image side: ROI start, end, flip (npy) or path, resize geometry, flip."""
+    return 3 if npy else 2 + _N_GEOM[resize]
+
+
 def read_image_header(path: Path) -> tuple[tuple[int, int], None]:
     """The DALI loader's `plan.ImageReader`: (h, w) from the image header, after EXIF orientation (OpenCV and
     DALI both apply it); the pixels are left to DALI."""
@@ -170,7 +192,11 @@ class PlanDataset(Dataset):
         return 2**62  # indices come from the DataLoader's sampler
 
     def _image_inputs(self, side: SidePlan, j: int) -> list[np.ndarray]:
-        """(image path as utf-8 bytes for `fn.io.file.read`, resize geometry of the crop window, flip)."""
+        """(image path as utf-8 bytes for `fn.io.file.read`, resize geometry of the crop window, flip); for an npy
+        cache image ((y0, x0), (y1, x1) of the crop box for `fn.readers.numpy`, flip)."""
+        if str(side.img_path).endswith(NPY_SUFFIX):
+            y0, y1, x0, x1 = side.box
+            return [np.array([y0, x0], np.int32), np.array([y1, x1], np.int32), np.array(side.flip, np.int32)]
         geom = _exact_args(side, j) if self.resize == "exact" else _fast_args(side)
         return [np.frombuffer(str(side.img_path).encode(), np.uint8), *geom, np.array(side.flip, np.int32)]
 
@@ -178,9 +204,10 @@ class PlanDataset(Dataset):
         plan = self.planner.plan(k)
         main = plan.labelled
         out = {"img": self._image_inputs(main, plan.index), "gt": main.label, "rcs_class": main.rcs_class,
-               "valid_hw": np.array(main.valid_hw, np.int64)}  # fmt: skip
+               "valid_hw": np.array(main.valid_hw, np.int64), "img_path": str(main.img_path)}  # fmt: skip
         if plan.unlabelled is not None:
             out["target_img"] = self._image_inputs(plan.unlabelled, plan.index)
+            out["target_img_path"] = str(plan.unlabelled.img_path)
             out["target_valid_hw"] = np.array(plan.unlabelled.valid_hw, np.int64)
         out["failed"] = plan.failed
         return out
@@ -195,10 +222,8 @@ def _as_list(items: list) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _image_graph(fn, types, inputs: Iterator, device: str, resize: Resize, crop: tuple[int, int]):
-    """Decode → resize of the crop window → flip → pad → CHW, from the next inputs of `inputs` (plan order)."""
-    enc = fn.io.file.read(next(inputs))  # in DALI's threads: no image bytes through Python
-    img = fn.decoders.image(enc, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+def _resize_window(fn, types, img, inputs: Iterator, device: str, resize: Resize):
+    """The crop window of decoded `img`, resized by the next inputs of `inputs` (module docstring)."""
     if resize == "exact":
         gathers = [[next(inputs) for _ in range(4)] for _ in range(4)]  # columns x0, x1; rows y0, y1
         rows_size, out_size = next(inputs), next(inputs)
@@ -212,29 +237,43 @@ def _image_graph(fn, types, inputs: Iterator, device: str, resize: Resize, crop:
         # OpenCV's fixed-point passes (module docstring); // is >> on these non-negative int32 values.
         t = (gather(img, gathers[0], rows_size) * a0 + gather(img, gathers[1], rows_size) * a1) // 16
         t0, t1 = gather(t, gathers[2], out_size), gather(t, gathers[3], out_size)
-        img = fn.cast((t0 * b0 // 65536 + t1 * b1 // 65536 + 2) // 4, dtype=types.UINT8)
+        return fn.cast((t0 * b0 // 65536 + t1 * b1 // 65536 + 2) // 4, dtype=types.UINT8)
+    roi_start, roi_end, size = next(inputs), next(inputs), next(inputs)
+    return fn.resize(img, size=size, roi_start=roi_start, roi_end=roi_end, antialias=False,
+                     interp_type=types.INTERP_LINEAR, device=device)  # fmt: skip
+
+
+def _image_graph(fn, types, inputs: Iterator, device: str, resize: Resize, crop: tuple[int, int],
+                 files: list[str] | None = None):  # fmt: skip
+    """Decode → resize of the crop window → flip → pad → CHW, from the next inputs of `inputs` (plan order).
+    With `files` (an npy cache side: its files in plan order) the crop is read from them, at the cache's scale."""
+    if files is not None:
+        start, end = next(inputs), next(inputs)
+        img = fn.readers.numpy(files=files, roi_start=start, roi_end=end, roi_axes=[0, 1], device=device)
     else:
-        roi_start, roi_end, size = next(inputs), next(inputs), next(inputs)
-        img = fn.resize(img, size=size, roi_start=roi_start, roi_end=roi_end, antialias=False,
-                        interp_type=types.INTERP_LINEAR, device=device)  # fmt: skip
+        enc = fn.io.file.read(next(inputs))  # in DALI's threads: no image bytes through Python
+        img = fn.decoders.image(enc, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        img = _resize_window(fn, types, img, inputs, device, resize)
     img = fn.flip(img, horizontal=next(inputs), device=device)
     img = fn.pad(img, axis_names="HW", shape=list(crop), fill_value=0, device=device)  # bottom/right, as np.pad
     return fn.transpose(img, perm=[2, 0, 1], device=device)
 
 
 def _build_pipeline(feed, *, n_inputs: int, batch_size: int, device: str, device_id: int | None, num_threads: int,
-                    resize: Resize, crop: tuple[int, int], with_target: bool, prefetch: int):  # fmt: skip
+                    resize: Resize, crop: tuple[int, int], with_target: bool, prefetch: int,
+                    files: tuple[list[str] | None, list[str] | None] = (None, None)):  # fmt: skip
+    """The DALI pipeline of `DaliTrainLoader`; `files`: the npy cache files of each side in plan order, or None."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   prefetch_queue_depth=prefetch, exec_dynamic=True)  # fmt: skip
     def pipe():
         inputs = iter(fn.external_source(source=feed, num_outputs=n_inputs, batch=True))
-        outs = [_image_graph(fn, types, inputs, device, resize, crop)]
+        outs = [_image_graph(fn, types, inputs, device, resize, crop, files[0])]
         gt = next(inputs)
         outs.append(gt.gpu() if device == "gpu" else gt)
         if with_target:
-            outs.append(_image_graph(fn, types, inputs, device, resize, crop))
+            outs.append(_image_graph(fn, types, inputs, device, resize, crop, files[1]))
         # rcs_class, failed, valid_hw (, target_valid_hw): host metadata stays on the CPU.
         return (*outs, *(next(inputs) for _ in range(4 if with_target else 3)))
 
@@ -280,6 +319,19 @@ class DaliTrainLoader:
     def __len__(self) -> int:
         return max(self.max_iters - self.start_iter, 0)
 
+    def _chunks(self, plans: Iterator[list]) -> Iterator[tuple[Iterator[list], tuple]]:
+        """(plan batches, npy files of each side in their order or None) of each pipeline the run needs: one for
+        all iterations without an npy side, else one per `NPY_CHUNK_ITERS` (module docstring)."""
+        planner = self.dataset.planner
+        npy = _is_npy(planner.main), _is_npy(planner.other)
+        if not any(npy):
+            yield plans, (None, None)
+            return
+        while chunk := list(itertools.islice(plans, NPY_CHUNK_ITERS)):
+            files = tuple([it[key] for items in chunk for it in items] if is_npy else None
+                          for is_npy, key in zip(npy, ("img_path", "target_img_path")))  # fmt: skip
+            yield iter(chunk), files
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if len(self) == 0:
             return
@@ -291,32 +343,39 @@ class DaliTrainLoader:
             self.dataset, batch_size=B, sampler=range(self.start_iter * B, self.max_iters * B), num_workers=w,
             collate_fn=_as_list, prefetch_factor=4 if w > 0 else None,
         ))  # fmt: skip
-        with_target = self.dataset.planner.other is not None
-        n_side = 2 + _N_GEOM[self.resize]
+        planner = self.dataset.planner
+        with_target = planner.other is not None
+        n_img = _n_inputs(_is_npy(planner.main), self.resize)
+        n_target = _n_inputs(_is_npy(planner.other), self.resize) if with_target else 0
 
-        def feed():
-            items = next(plans)  # StopIteration ends the DALI epoch after the last iteration
-            cols = [[it["img"][k] for it in items] for k in range(n_side)]
-            cols.append([it["gt"] for it in items])
-            if with_target:
-                cols += [[it["target_img"][k] for it in items] for k in range(n_side)]
-            cols.append([np.array(it["rcs_class"], np.int64) for it in items])
-            cols.append([np.array(it["failed"], np.int64) for it in items])
-            cols.append([it["valid_hw"] for it in items])
-            if with_target:
-                cols.append([it["target_valid_hw"] for it in items])
-            return tuple(cols)
+        def feeder(src: Iterator[list]):
+            def feed():
+                items = next(src)  # StopIteration ends the DALI epoch after the last iteration
+                cols = [[it["img"][k] for it in items] for k in range(n_img)]
+                cols.append([it["gt"] for it in items])
+                cols += [[it["target_img"][k] for it in items] for k in range(n_target)]
+                cols.append([np.array(it["rcs_class"], np.int64) for it in items])
+                cols.append([np.array(it["failed"], np.int64) for it in items])
+                cols.append([it["valid_hw"] for it in items])
+                if with_target:
+                    cols.append([it["target_valid_hw"] for it in items])
+                return tuple(cols)
+
+            return feed
 
         gpu = self.device.type == "cuda"
         device_id = None  # DALI's CPU-only mode
         if gpu:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pipe = _build_pipeline(
-            feed, n_inputs=2 * n_side + 5 if with_target else n_side + 4, batch_size=B,
-            device="gpu" if gpu else "cpu", device_id=device_id, num_threads=self.num_threads, resize=self.resize,
-            crop=tuple(self.data.crop), with_target=with_target, prefetch=self.prefetch,
-        )  # fmt: skip
         names = [n for n in _OUTPUTS if with_target or n not in _TARGET_OUTPUTS]
-        for (out,) in DALIGenericIterator([pipe], names, size=-1):
-            out["gt"] = out["gt"].long()
-            yield out
+        for src, files in self._chunks(plans):
+            pipe = _build_pipeline(
+                feeder(src), n_inputs=n_img + n_target + (5 if with_target else 4), batch_size=B,
+                device="gpu" if gpu else "cpu", device_id=device_id, num_threads=self.num_threads,
+                resize=self.resize, crop=tuple(self.data.crop), with_target=with_target, prefetch=self.prefetch,
+                files=files,
+            )  # fmt: skip
+            for (out,) in DALIGenericIterator([pipe], names, size=-1):
+                out["gt"] = out["gt"].long()
+                yield out
+            del pipe  # its threads and buffers go before the next chunk's pipeline starts
