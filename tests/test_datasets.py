@@ -15,6 +15,7 @@ from daformer_fast.data.datasets import (
     list_samples,
     read_image,
     read_label,
+    read_npy_header,
     rescale_size,
     resize_image,
     resize_label,
@@ -216,3 +217,26 @@ def test_hidden_files_and_conversion_leftovers_are_not_samples(tmp_path):
     _png(tmp_path / "images" / ".ipynb_checkpoints" / "00003.png")
     samples = list_samples(DatasetConfig(name="gta", root=str(tmp_path)))
     assert [s.name for s in samples] == ["00001"]
+
+
+def test_npy_header_read_without_data_and_refusals(tmp_path):
+    path = tmp_path / "a.npy"
+    img = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    np.save(path, img)
+    head = read_npy_header(path, 3)
+    # A format 1.0 header is padded to 128 bytes here: 10 bytes of magic/length, the dict, spaces, a newline.
+    assert (head.shape, head.hw, head.offset) == ((5, 7, 3), (5, 7), 128) and path.stat().st_size == 128 + 105
+    np.testing.assert_array_equal(read_image(path), img)
+    np.save(tmp_path / "l.npy", img[..., 0])
+    np.testing.assert_array_equal(read_label(tmp_path / "l.npy"), img[..., 0])
+    with pytest.raises(DatasetError, match=r"expected uint8 C-order H×W$"):
+        read_label(path)  # an image is not a label
+    np.save(tmp_path / "f.npy", img.astype(np.float32))
+    with pytest.raises(DatasetError, match=r"f\.npy: a float32 array of shape \(5, 7, 3\); expected uint8"):
+        read_image(tmp_path / "f.npy")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(DatasetError, match=r"truncated .*a\.npy: 200 bytes, its header promises 233"):
+        read_image(path)
+    (tmp_path / "g.npy").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"cannot read .*g\.npy"):
+        read_npy_header(tmp_path / "g.npy")

@@ -327,3 +327,33 @@ def test_unreadable_images_are_redrawn_then_stop_the_run(data, caplog):
     with pytest.raises(DatasetError, match=f"{plan.MAX_SAMPLE_DRAWS} unreadable samples in a row in .*source"):
         _planner(data, broken, "source_only").plan(0)
     assert len(calls) == plan.MAX_SAMPLE_DRAWS == 10
+
+
+def test_npy_cache_plans_read_sizes_from_headers_not_the_reader(data, tmp_path):
+    """On an npy cache the planner never calls the executor's reader: sizes come from the .npy headers, and the
+    plans are those of the originals (the cache holds the resized images, so size_hw == src_hw)."""
+    from daformer_fast.tools.cache_dataset import cache_dataset
+
+    roots = {side: cache_dataset(getattr(data, side), tmp_path, fmt="npy", quiet=True, say=None).root
+             for side in ("source", "target")}  # fmt: skip
+    cached = dataclasses.replace(data, **{side: dataclasses.replace(getattr(data, side), root=str(roots[side]))
+                                          for side in roots})  # fmt: skip
+
+    def never(path):
+        raise AssertionError(f"the reader was asked for {path}")
+
+    ours, theirs = _planner(cached, never), _planner(data, decode_image)
+    for k in range(8):
+        a, b = ours.plan(k), theirs.plan(k)
+        for sa, sb in ((a.labelled, b.labelled), (a.unlabelled, b.unlabelled)):
+            assert sa.image is None and sa.img_path.suffix == ".npy" and sa.src_hw == sa.size_hw == sb.size_hw
+            assert (sa.box, sa.flip, sa.rcs_class, sa.failed) == (sb.box, sb.flip, sb.rcs_class, sb.failed)
+            assert (sa.label is None) == (sb.label is None)
+            if sa.label is not None:
+                np.testing.assert_array_equal(sa.label, sb.label)
+    # A cached file that no longer matches the index stops the run, naming both sizes.
+    victim = roots["source"] / "images" / "00001.npy"
+    np.save(victim, np.zeros((40, 60, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"00001\.npy is 60x40, its npy cache index says 72x48"):
+        for k in range(40):
+            _planner(cached, never, "source_only", rcs=dataclasses.replace(data.rcs, enabled=False)).plan(k)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -15,10 +16,12 @@ from PIL import Image
 
 from daformer_fast.config import parse_config
 from daformer_fast.data.datasets import DatasetError, read_image, read_label
+from daformer_fast.data.npy_cache import read_npy_crop
 from daformer_fast.data.pipeline import resize_pair
 from daformer_fast.data.plan import item_rng, sample_crop
 from daformer_fast.data.synthetic import ensure_synthetic, make_synthetic
 from daformer_fast.data.torch_loader import FailureMonitor, TrainDataset, build_torch_loader
+from daformer_fast.tools.cache_dataset import cache_dataset
 
 B = 2
 
@@ -290,3 +293,53 @@ def test_ensure_synthetic_generates_only_without_the_statistics(tmp_path):
     (tmp_path / "source" / "sample_class_stats.json").unlink()  # as after an interrupted generation
     assert ensure_synthetic(tmp_path, **kw) is True
     assert _hashes(tmp_path) == first
+
+
+def _npy_dataset(root: Path, out: Path, mode: str, *overrides: str) -> TrainDataset:
+    """The torch loader on npy caches of both sides of `root` (tools.cache_dataset --format npy)."""
+    cfg = _cfg(root)
+    sets = []
+    for side in ("source", "target"):
+        res = cache_dataset(getattr(cfg.data, side), out, fmt="npy", quiet=True, say=None)
+        sets.append(f"data.{side}.root={res.root}")
+    cfg = _cfg(root, *sets, *overrides)
+    return TrainDataset(cfg.data, mode=mode, num_classes=cfg.model.num_classes, seed=0)
+
+
+def test_npy_crop_through_mmap_equals_the_slice_of_the_full_array(bench, tmp_path):
+    ds = _npy_dataset(bench, tmp_path / "c", "dacs")
+    path = ds.planner.main.samples[3].img
+    full = np.load(path)
+    assert full.shape == (48, 72, 3)
+    for box in ((0, 48, 0, 72), (5, 37, 11, 43), (47, 48, 71, 72), (16, 48, 40, 72)):
+        part = read_npy_crop(path, box)
+        assert isinstance(part.base, np.memmap) or isinstance(part, np.memmap)  # a view of the map, not a read
+        np.testing.assert_array_equal(part, full[box[0]:box[1], box[2]:box[3]])
+    # The loader's crop of a planned item: the slice of the full array, flipped as planned, channels first.
+    for k in range(6):
+        p = ds.planner.plan(k).labelled
+        y0, y1, x0, x1 = p.box
+        want = np.load(p.img_path)[y0:y1, x0:x1]
+        want = want[:, ::-1] if p.flip else want
+        assert torch.equal(ds[k]["img"], torch.from_numpy(np.ascontiguousarray(want)).permute(2, 0, 1))
+
+
+def test_truncated_npy_is_skipped_and_stops_a_strict_run(bench, tmp_path, caplog):
+    ds = _npy_dataset(bench, tmp_path / "c", "source_only")
+    bad = ds.planner.main.samples[3].img
+    bad.write_bytes(bad.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="daformer_fast.data"):
+        failed = sum(int(ds[k]["failed"]) for k in range(60))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "skipping" in r.getMessage()]
+    assert failed > 0 and failed == len(warnings)
+    assert all(f"truncated {bad}: 1000 bytes, its header promises 10496" in w for w in warnings)
+    lbl = ds.planner.main.samples[5].label  # a truncated label is skipped the same way
+    lbl.write_bytes(lbl.read_bytes()[:300])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="daformer_fast.data"):
+        _ = [ds[k] for k in range(60)]
+    assert any(f"truncated {lbl}" in r.getMessage() for r in caplog.records)
+    strict = TrainDataset(dataclasses.replace(ds.data, strict=True), mode="source_only", num_classes=19, seed=0)
+    with pytest.raises(DatasetError, match=r"truncated .*(00003|00005_labelTrainIds)\.npy: (1000|300) bytes"):
+        for k in range(200):
+            strict[k]
