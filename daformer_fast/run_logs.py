@@ -34,9 +34,11 @@ class MetricsLog(contextlib.ExitStack):
     """The run's metrics sinks; a context manager that closes them."""
 
     def __init__(self, work_dir: Path, start: int, max_iters: int, imgs_per_step: int, device: torch.device,
-                 *, enabled: bool) -> None:  # fmt: skip
+                 *, enabled: bool, first_row: dict | None = None) -> None:  # fmt: skip
+        """first_row: fields written once, into the run's first training row (e.g. the loader's self-check)."""
         super().__init__()
         self.imgs_per_step, self.device, self.enabled = imgs_per_step, device, enabled
+        self.first_row = dict(first_row or {})
         self.sums: dict[str, torch.Tensor] = {}
         self.count, self.wait, self.start = 0, 0.0, time.perf_counter()
         self.bar = self.enter_context(tqdm(total=max_iters, initial=start, disable=not enabled, dynamic_ncols=True,
@@ -80,7 +82,9 @@ class MetricsLog(contextlib.ExitStack):
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             row = {"step": t_done, "lr": lrs.get("backbone"), "lr_head": lrs.get("head"), **means,
                    "step_ms": per_step * 1e3, "img_s": self.imgs_per_step / per_step,
-                   "data_wait_pct": 100 * wait_frac, "mem_gib": peak_memory_gib(self.device), **extra}  # fmt: skip
+                   "data_wait_pct": 100 * wait_frac, "mem_gib": peak_memory_gib(self.device), **extra,
+                   **self.first_row}  # fmt: skip
+            self.first_row = {}
             self._write(row, "train")
             losses = {k: f"{means[k]:.3f}" for k in ("loss_src", "loss_mic") if k in means}
             self.bar.set_postfix(**losses, img_s=f"{row['img_s']:.1f}")

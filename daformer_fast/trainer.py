@@ -103,9 +103,14 @@ class Trainer(contextlib.ExitStack):
             cfg.data, mode=cfg.uda.mode, num_classes=cfg.model.num_classes, seed=cfg.train.seed, rank=d.rank,
             start_iter=self.start, max_iters=cfg.train.max_iters, device=d.device,
         )  # fmt: skip
+        # Which loader runs, and the DALI self-check's verdict: in train.log and the first metrics row.
+        check = getattr(self.loader, "loader_check", None)
+        if check is not None:
+            log.info("loader: %s (self-check: %s)", check["loader"], check["check"])
         imgs_per_step = cfg.data.batch_size * (2 if cfg.uda.mode == "dacs" else 1) * d.world_size
+        first_row = {"loader": check} if check is not None else None
         self.logs = self.enter_context(MetricsLog(self.work_dir, self.start, cfg.train.max_iters, imgs_per_step,
-                                                  d.device, enabled=d.main))  # fmt: skip
+                                                  d.device, enabled=d.main, first_row=first_row))  # fmt: skip
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite, d.device, self.start)
         self.stop = self.enter_context(StopAgreement(d))
         self.monitor = FailureMonitor()

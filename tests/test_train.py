@@ -48,6 +48,8 @@ def test_full_run_writes_everything(tmp_path, syn, capsys):
                 "data_wait_pct", "mem_gib"):  # fmt: skip
         assert isinstance(train_rows[0][key], float), key
     assert train_rows[0]["lr_head"] == pytest.approx(10 * train_rows[0]["lr"])
+    # The first row says which loader ran (the torch loader on CPU: the DALI self-check is not run there).
+    assert train_rows[0]["loader"]["loader"] == "torch" and "loader" not in train_rows[1]
     assert set(eval_rows[0]["IoU"]) == set(load_config(cfg).data.classes)
     assert f"final mIoU on {syn / 'target'}: {eval_rows[0]['mIoU']:.2f}" in capsys.readouterr().out
     # Checkpoints: keep_checkpoints=1 leaves the last one, pointed to by latest.pth.
