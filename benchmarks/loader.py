@@ -2,12 +2,20 @@
 
     python benchmarks/loader.py [--config CONFIG] [--root DIR] [--loader torch|dali|both] [--iters N]
                                 [--workers N] [--dali-resize exact|fast|both] [--device DEV] [--json PATH]
+                                [--cache] [--small]
 
 Data: `--config` (its data section: real datasets, scales, crop, RCS); `--root DIR` replaces the source/target
 roots by DIR/source (GTA layout) and DIR/target (Cityscapes layout), as `make_synthetic` writes them. Without
 either, a synthetic benchmark at the paper's sizes is generated in a temporary folder: source 1914x1052 PNGs
 (GTA size) resized to (1280, 720), target 2048x1024 (Cityscapes size) resized to (1024, 512), 512x512 crops,
-RCS on, batch 2 + 2, `dacs` mode.
+RCS on, batch 2 + 2, `dacs` mode. `--small` divides every size, scale and crop by 4 (a quick run on a busy host).
+
+`--cache`: also builds the npy cache of both datasets (`tools.cache_dataset --format npy`) in a temporary folder
+and times the torch loader on it next to the original (PNG) path, in the same run and with the same worker count;
+the build time is printed and not part of the loader figures.
+
+Figures per loader: samples/s and CPU seconds per sample (this process and all its descendants, e.g. DataLoader
+workers, from /proc; Linux only, else omitted), over the timed batches.
 
 Timing: the first `--warmup` batches (worker start, pipeline build, queue fill) are excluded; then `--iters`
 batches are consumed as fast as the loader delivers them (on CUDA, after a synchronize), so the figure is the
@@ -38,33 +46,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import cpu_name as _cpu_name  # noqa: E402
 
 
-def _synthetic(tmp: Path, n: int):
-    """GTA-sized source and Cityscapes-sized target images (two make_synthetic calls, one size each)."""
+def _synthetic(tmp: Path, n: int, div: int = 1):
+    """GTA-sized source and Cityscapes-sized target images (two make_synthetic calls, one size each), every size,
+    scale and crop divided by `div`."""
     t = time.perf_counter()
-    src = make_synthetic(tmp / "gta", n_source=n, n_target=1, n_val=1, size=(1914, 1052), seed=0, quiet=True)
-    tgt = make_synthetic(tmp / "cs", n_source=1, n_target=n, n_val=1, size=(2048, 1024), seed=1, quiet=True)
+    src = make_synthetic(tmp / "gta", n_source=n, n_target=1, n_val=1, size=(1914 // div, 1052 // div), seed=0,
+                         quiet=True)  # fmt: skip
+    tgt = make_synthetic(tmp / "cs", n_source=1, n_target=n, n_val=1, size=(2048 // div, 1024 // div), seed=1,
+                         quiet=True)  # fmt: skip
     print(f"generated {n} + {n} synthetic images in {time.perf_counter() - t:.0f} s under {tmp}")
     return parse_config({"data": {
-        "source": {"root": str(src / "source"), "scale": [1280, 720]},
-        "target": {"root": str(tgt / "target"), "scale": [1024, 512]},
+        "source": {"root": str(src / "source"), "scale": [1280 // div, 720 // div]},
+        "target": {"root": str(tgt / "target"), "scale": [1024 // div, 512 // div]},
+        "crop": [512 // div, 512 // div], "rcs": {"min_pixels": 3000 // div**2},
     }}).data  # fmt: skip
 
 
-def _time(loader, warmup: int, iters: int, device: torch.device) -> float:
-    """Seconds for `iters` batches after `warmup` batches."""
+def _npy_cached(data, out: Path):
+    """`data` with both sides read from npy caches built under `out`."""
+    from daformer_fast.tools.cache_dataset import cache_dataset
+
+    t = time.perf_counter()
+    roots = {side: cache_dataset(getattr(data, side), out, fmt="npy", nproc=min(8, os.cpu_count() or 1), quiet=True,
+                                 say=None).root for side in ("source", "target")}  # fmt: skip
+    print(f"built the npy cache in {time.perf_counter() - t:.1f} s under {out}")
+    return dataclasses.replace(data, **{side: dataclasses.replace(getattr(data, side), root=str(root))
+                                        for side, root in roots.items()})  # fmt: skip
+
+
+def _cpu_seconds() -> float | None:
+    """User + system CPU seconds of this process and all its live descendants (from /proc), or None off Linux."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    procs = {}
+    try:
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # exited meanwhile
+                procs[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    except OSError:
+        return None
+    mine, total, grew = {os.getpid()}, 0.0, True
+    while grew:
+        new = {pid for pid, (ppid, _) in procs.items() if ppid in mine} - mine
+        grew, mine = bool(new), mine | new
+    for pid in mine:
+        total += procs.get(pid, (0, 0.0))[1]
+    return total
+
+
+def _time(loader, warmup: int, iters: int, device: torch.device) -> tuple[float, float | None]:
+    """(wall seconds, CPU seconds) for `iters` batches after `warmup` batches."""
     it = iter(loader)
     for _ in range(warmup):
         next(it)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), _cpu_seconds()
     for _ in range(iters):
         batch = next(it)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    dt = time.perf_counter() - t
+    dt, cpu_end = time.perf_counter() - t, _cpu_seconds()
     del batch, it
-    return dt
+    return dt, (cpu_end - cpu if cpu is not None and cpu_end is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=8, help="synthetic images per domain")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--cache", action="store_true", help="also time the torch loader on an npy cache of the data")
+    p.add_argument("--small", action="store_true", help="synthetic data at a quarter of the paper's sizes")
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
@@ -89,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = parse_config().data
     else:
         tmp = tempfile.TemporaryDirectory(prefix="loader_bench_")
-        data = _synthetic(Path(tmp.name), args.images)
+        data = _synthetic(Path(tmp.name), args.images, 4 if args.small else 1)
     if args.root:
         root = Path(args.root)
         data = dataclasses.replace(
@@ -116,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "source": f"{data.source.root} scale {list(data.source.scale)}",
         "target": f"{data.target.root} scale {list(data.target.scale)}",
         "rcs": data.rcs.enabled, "warmup": args.warmup, "iters": args.iters,
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
     for k, v in env.items():
         print(f"{k:>10}: {v}")
@@ -126,6 +176,12 @@ def main(argv: list[str] | None = None) -> dict:
         loader = build_torch_loader(ds, start_iter=0, max_iters=n_iters, workers=workers,
                                     pin_memory=device.type == "cuda")  # fmt: skip
         runs.append(("torch", f"DataLoader, {workers} workers", lambda: loader))
+        if args.cache:
+            tmp = tmp or tempfile.TemporaryDirectory(prefix="loader_bench_")
+            cached = TrainDataset(_npy_cached(data, Path(tmp.name) / "npy_cache"), rank=0, **kw)
+            npy_loader = build_torch_loader(cached, start_iter=0, max_iters=n_iters, workers=workers,
+                                            pin_memory=device.type == "cuda")  # fmt: skip
+            runs.append(("torch-npy", f"DataLoader, {workers} workers, npy cache (mmap crop)", lambda: npy_loader))
     if args.loader in ("dali", "both"):
         if not dali_ok:
             print(f"skipping DALI: {dali_why}")
@@ -137,12 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = []
     for name, desc, make in runs:
-        dt = _time(make(), args.warmup, args.iters, device)
+        dt, cpu = _time(make(), args.warmup, args.iters, device)
+        n = args.iters * per_iter
         r = {"loader": name, "setup": desc, "seconds": round(dt, 3), "iters_per_s": round(args.iters / dt, 2),
-             "samples_per_s": round(args.iters * per_iter / dt, 1)}  # fmt: skip
+             "samples_per_s": round(n / dt, 1), "cpu_ms_per_sample": round(1e3 * cpu / n, 2) if cpu else None}
         results.append(r)
-        print(f"{name:>11}: {r['samples_per_s']:7.1f} samples/s  ({r['iters_per_s']:.2f} it/s; {desc})")
-    out = {**env, "results": results}
+        cpu_text = f", {r['cpu_ms_per_sample']:.1f} CPU ms/sample" if cpu else ""
+        print(f"{name:>11}: {r['samples_per_s']:7.1f} samples/s{cpu_text}  ({r['iters_per_s']:.2f} it/s; {desc})")
+    out = {**env, "load_avg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+           "results": results}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if tmp is not None:
