@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -322,6 +323,13 @@ def test_npy_crop_through_mmap_equals_the_slice_of_the_full_array(bench, tmp_pat
         want = np.load(p.img_path)[y0:y1, x0:x1]
         want = want[:, ::-1] if p.flip else want
         assert torch.equal(ds[k]["img"], torch.from_numpy(np.ascontiguousarray(want)).permute(2, 0, 1))
+    # A crop as large as the image, unflipped, is the whole (read-only) map: the loader copies it out.
+    whole = _npy_dataset(bench, tmp_path / "c", "source_only", "data.crop=[48,72]", "data.flip_prob=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        item = whole[0]
+    path = whole.planner.plan(0).labelled.img_path
+    assert torch.equal(item["img"], torch.from_numpy(np.load(path)).permute(2, 0, 1))
 
 
 def test_truncated_npy_is_skipped_and_stops_a_strict_run(bench, tmp_path, caplog):

@@ -127,7 +127,7 @@ def list_samples(ds: DatasetConfig, need_labels: bool = True) -> list[Sample]:
     Raises:
         DatasetError: no image matches the layout's pattern, or (with `need_labels`) some labels are missing.
     """
-    if (Path(ds.root) / "npy_index.json").is_file():
+    if (Path(ds.root) / "npy_index.json").is_file():  # npy_cache.NPY_INDEX (that module imports this one)
         from daformer_fast.data.npy_cache import list_cached_samples  # imports this module
 
         return list_cached_samples(ds, need_labels)

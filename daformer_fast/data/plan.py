@@ -223,7 +223,8 @@ class SidePlan:
     failed: int
     """Unreadable files skipped before this sample."""
     image: np.ndarray | None = None
-    """The decoded image at file size when the executor's `ImageReader` decodes (torch loader), else None."""
+    """The decoded image at file size when the executor's `ImageReader` decodes (torch loader), else None (also for
+    npy cache images, which the planner never hands to the reader)."""
 
     @property
     def valid_hw(self) -> tuple[int, int]:

@@ -47,6 +47,8 @@ def _crop_image(side: SidePlan, crop: tuple[int, int]) -> torch.Tensor:
         y0, y1, x0, x1 = side.box
         part = read_npy_crop(side.img_path, side.box)  # apply_crop copies it out of the map
         out = apply_crop(part, (0, y1 - y0, 0, x1 - x0), side.flip, crop, 0)
+        if not out.flags.writeable:  # a full-width unflipped crop is still the read-only map itself
+            out = out.copy()
     else:
         img = resize_image(side.image, (side.size_hw[1], side.size_hw[0]))
         out = apply_crop(img, side.box, side.flip, crop, 0)
