@@ -11,15 +11,20 @@ either, a synthetic benchmark at the paper's sizes is generated in a temporary f
 RCS on, batch 2 + 2, `dacs` mode. `--small` divides every size, scale and crop by 4 (a quick run on a busy host).
 
 `--cache`: also builds the npy cache of both datasets (`tools.cache_dataset --format npy`) in a temporary folder
-and times the torch loader on it next to the original (PNG) path, in the same run and with the same worker count;
-the build time is printed and not part of the loader figures.
+and times every selected loader on it next to the original (PNG) path, in the same run and with the same worker
+count: torch (`torch`, `torch-npy`) and, when DALI imports, DALI on `--device` (its CPU-only mode,
+`device_id=None`, on a CPU device: `dali-exact`/`dali-fast`, `dali-npy`; the cache is never resized, so one DALI
+run covers it). The build time is printed and not part of the loader figures; the result ends with DALI's
+samples/s over torch's on the cache.
 
 Figures per loader: samples/s and CPU seconds per sample (this process and all its descendants, e.g. DataLoader
 workers, from /proc; Linux only, else omitted), over the timed batches.
 
 Timing: the first `--warmup` batches (worker start, pipeline build, queue fill) are excluded; then `--iters`
 batches are consumed as fast as the loader delivers them (on CUDA, after a synchronize), so the figure is the
-loader's ceiling, not the trainer's data wait.
+loader's ceiling, not the trainer's data wait. With `--cache` and DALI, `--iters` is rounded up to whole
+`NPY_CHUNK_ITERS` chunks (64 iterations) for every loader, and DALI on the cache warms up over its first chunk, so
+its timed batches include one planning pause and pipeline build per chunk, as in training.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from pathlib import Path
 import torch
 
 from daformer_fast.config import load_config, parse_config
-from daformer_fast.data.dali_loader import DaliTrainLoader, dali_available
+from daformer_fast.data.dali_loader import NPY_CHUNK_ITERS, DaliTrainLoader, dali_available
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
 from daformer_fast.data.synthetic import make_synthetic
 
@@ -114,6 +119,26 @@ def _time(loader, warmup: int, iters: int, device: torch.device) -> tuple[float,
     return dt, (cpu_end - cpu if cpu is not None and cpu_end is not None else None)
 
 
+def _dali_resizes(choice: str, npy: bool) -> tuple[str, ...]:
+    """The DALI resize modes to time on one source: one run on an npy cache, which is never resized."""
+    if npy:
+        return ("exact",)
+    return ("exact", "fast") if choice == "both" else (choice,)
+
+
+def _dali_mode(device: torch.device) -> str:
+    return f"GPU {device}" if device.type == "cuda" else "CPU-only mode (device_id=None)"
+
+
+def _npy_verdict(results: list[dict]) -> dict | None:
+    """DALI's samples/s over the torch loader's, both on the npy cache, or None without both runs."""
+    rate = {r["loader"]: r["samples_per_s"] for r in results}
+    if "torch-npy" not in rate or "dali-npy" not in rate:
+        return None
+    ratio = rate["dali-npy"] / rate["torch-npy"]
+    return {"dali_over_torch": round(ratio, 3), "dali_at_least_as_fast": ratio >= 1.0}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML config (its data section is used)")
@@ -126,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=8, help="synthetic images per domain")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--cache", action="store_true", help="also time the torch loader on an npy cache of the data")
+    p.add_argument("--cache", action="store_true", help="also time the loaders on an npy cache of the data")
     p.add_argument("--small", action="store_true", help="synthetic data at a quarter of the paper's sizes")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -148,10 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
     workers = args.workers if args.workers is not None else min(data.workers, os.cpu_count() or 1)
     data = dataclasses.replace(data, workers=workers)
     kw = {"mode": "dacs", "num_classes": len(data.classes), "seed": 0}
-    n_iters = args.warmup + args.iters
+    dali_ok, dali_why = dali_available()
+    iters, npy_warmup = args.iters, args.warmup
+    if args.cache and dali_ok and args.loader != "torch":
+        # DALI on the cache plans NPY_CHUNK_ITERS iterations, then builds a pipeline: warm up over its first chunk,
+        # time whole chunks (each with its planning pause and pipeline build); every loader times as many batches.
+        iters, npy_warmup = -(-args.iters // NPY_CHUNK_ITERS) * NPY_CHUNK_ITERS, NPY_CHUNK_ITERS
+    n_iters = args.warmup + iters
     per_iter = 2 * data.batch_size  # source + target samples
 
-    dali_ok, dali_why = dali_available()
     dali_version = None
     if dali_ok:
         import nvidia.dali
@@ -164,44 +194,51 @@ def main(argv: list[str] | None = None) -> dict:
         "dali": dali_version, "workers": workers, "batch_size": data.batch_size, "crop": list(data.crop),
         "source": f"{data.source.root} scale {list(data.source.scale)}",
         "target": f"{data.target.root} scale {list(data.target.scale)}",
-        "rcs": data.rcs.enabled, "warmup": args.warmup, "iters": args.iters,
+        "rcs": data.rcs.enabled, "warmup": args.warmup, "iters": iters,
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
     for k, v in env.items():
         print(f"{k:>10}: {v}")
 
+    sources = [("", "", data)]
+    if args.cache:
+        tmp = tmp or tempfile.TemporaryDirectory(prefix="loader_bench_")
+        sources.append(("-npy", ", npy cache", _npy_cached(data, Path(tmp.name) / "npy_cache")))
     runs = []
-    if args.loader in ("torch", "both"):
-        ds = TrainDataset(data, rank=0, **kw)
-        loader = build_torch_loader(ds, start_iter=0, max_iters=n_iters, workers=workers,
-                                    pin_memory=device.type == "cuda")  # fmt: skip
-        runs.append(("torch", f"DataLoader, {workers} workers", lambda: loader))
-        if args.cache:
-            tmp = tmp or tempfile.TemporaryDirectory(prefix="loader_bench_")
-            cached = TrainDataset(_npy_cached(data, Path(tmp.name) / "npy_cache"), rank=0, **kw)
-            npy_loader = build_torch_loader(cached, start_iter=0, max_iters=n_iters, workers=workers,
-                                            pin_memory=device.type == "cuda")  # fmt: skip
-            runs.append(("torch-npy", f"DataLoader, {workers} workers, npy cache (mmap crop)", lambda: npy_loader))
-    if args.loader in ("dali", "both"):
-        if not dali_ok:
-            print(f"skipping DALI: {dali_why}")
-        else:
-            for resize in ("exact", "fast") if args.dali_resize == "both" else (args.dali_resize,):
-                dl = DaliTrainLoader(data, max_iters=n_iters, device=device, resize=resize, **kw)
-                desc = f"resize={resize}, {dl.num_threads} DALI threads + {dl.plan_workers} plan workers, {device}"
-                runs.append((f"dali-{resize}", desc, lambda dl=dl: dl))
+    for tag, note, d in sources:  # every loader on one source, then the next source: same worker count throughout
+        if args.loader in ("torch", "both"):
+            what = "mmap crop" if tag else "decode + resize"
+            loader = build_torch_loader(TrainDataset(d, rank=0, **kw), start_iter=0, max_iters=n_iters,
+                                        workers=workers, pin_memory=device.type == "cuda")  # fmt: skip
+            runs.append((f"torch{tag}", f"DataLoader, {workers} workers{note} ({what})", lambda x=loader: x,
+                         args.warmup))  # fmt: skip
+        if args.loader in ("dali", "both") and dali_ok:
+            # An npy side is read at the cache's scale, never resized: one DALI run covers both resize modes.
+            for resize in _dali_resizes(args.dali_resize, npy=bool(tag)):
+                warm = npy_warmup if tag else args.warmup
+                dl = DaliTrainLoader(d, max_iters=warm + iters, device=device, resize=resize, **kw)
+                desc = (f"{'readers.numpy ROI' if tag else f'resize={resize}'}, {dl.num_threads} DALI threads + "
+                        f"{dl.plan_workers} plan workers, {_dali_mode(device)}{note}")  # fmt: skip
+                runs.append((f"dali{tag or '-' + resize}", desc, lambda dl=dl: dl, warm))
+    if args.loader in ("dali", "both") and not dali_ok:
+        print(f"skipping DALI: {dali_why}")
 
     results = []
-    for name, desc, make in runs:
-        dt, cpu = _time(make(), args.warmup, args.iters, device)
-        n = args.iters * per_iter
-        r = {"loader": name, "setup": desc, "seconds": round(dt, 3), "iters_per_s": round(args.iters / dt, 2),
+    for name, desc, make, warm in runs:
+        dt, cpu = _time(make(), warm, iters, device)
+        n = iters * per_iter
+        r = {"loader": name, "setup": desc, "warmup": warm, "seconds": round(dt, 3),
+             "iters_per_s": round(iters / dt, 2),
              "samples_per_s": round(n / dt, 1), "cpu_ms_per_sample": round(1e3 * cpu / n, 2) if cpu else None}
         results.append(r)
         cpu_text = f", {r['cpu_ms_per_sample']:.1f} CPU ms/sample" if cpu else ""
         print(f"{name:>11}: {r['samples_per_s']:7.1f} samples/s{cpu_text}  ({r['iters_per_s']:.2f} it/s; {desc})")
+    verdict = _npy_verdict(results)
+    if verdict is not None:
+        print(f"DALI vs torch on the npy cache: {verdict['dali_over_torch']:.2f}x the samples/s "
+              f"({'at least as fast' if verdict['dali_at_least_as_fast'] else 'slower'})")  # fmt: skip
     out = {**env, "load_avg_1m_end": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-           "results": results}  # fmt: skip
+           "results": results, "npy_dali_vs_torch": verdict}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     if tmp is not None:

@@ -327,3 +327,40 @@ def test_npy_refuses_without_disk_space_and_skips_unreadable(bench, tmp_path, mo
     assert names == [f"{i:05d}" for i in range(10) if i != 4]
     with pytest.raises(DatasetError, match=r"cannot read image .*00004\.png"):
         cache_dataset(parse_config(data).data.source, tmp_path / "c", fmt="npy", strict=True, quiet=True)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_npy_disk_full_mid_write_leaves_no_partial_file(bench, tmp_path, monkeypatch, nproc):
+    import errno
+
+    real = np.lib.format.write_array
+
+    def write_array(f, arr, version=None):  # the disk fills up half-way through image 00006
+        if Path(f.name).name.startswith(".00006.npy."):
+            f.write(b"\x93NUMPY" + bytes(100))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, arr, version=version)
+
+    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    ds = parse_config(_data(bench)).data.source
+    out = tmp_path / "c"
+    with pytest.raises(DatasetError) as err:
+        cache_dataset(ds, out, fmt="npy", nproc=nproc, quiet=True, say=None)
+    msg = str(err.value)
+    root = out / "source_80x48_npy"
+    # One line naming the file and the 140800 bytes of the whole cache (10 images + 10 labels, see above).
+    assert "\n" not in msg and f"disk full while writing {root / 'images' / '00006.npy'}:" in msg
+    assert "needs 0.1 MB in all" in msg and npy_file_size((48, 72, 3)) * 10 + npy_file_size((48, 72)) * 10 == 140800
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not (root / "images" / "00006.npy").exists()
+    assert not json.loads((root / NPY_INDEX).read_text())["complete"]
+    finished = sorted(root.rglob("*.npy"))
+    if nproc == 1:  # samples in order, image before label: 00000 .. 00005 are done
+        assert [p.relative_to(root).as_posix() for p in finished] == \
+               [f"images/{i:05d}.npy" for i in range(6)] + [f"labels/{i:05d}_labelTrainIds.npy" for i in range(6)]
+    for p in finished:  # complete arrays, kept for the re-run
+        assert p.stat().st_size == npy_file_size(np.load(p).shape)
+    monkeypatch.undo()
+    res = cache_dataset(ds, out, fmt="npy", nproc=nproc, quiet=True, say=None)
+    assert (res.written, res.kept) == (20 - len(finished), len(finished))
+    assert json.loads((root / NPY_INDEX).read_text())["complete"]

@@ -176,3 +176,22 @@ def test_load_class_stats(tmp_path):
     (tmp_path / "sample_class_stats.json").write_text("[{")
     with pytest.raises(DatasetError, match="cannot read"):
         load_class_stats(tmp_path)
+
+
+def test_min_pixels_hint_reads_npy_labels_of_the_cache(tmp_path, caplog):
+    # Labels as the npy cache stores them: 100x200 and 100x300 uint8 arrays, mean area 25000 pixels ->
+    # round(3000 * 25000 / (1914 * 1052)) = round(37.25) = 37.
+    (tmp_path / "labels").mkdir()
+    samples = []
+    for name, w in (("x1", 200), ("x2", 300)):
+        np.save(tmp_path / "labels" / f"{name}_labelTrainIds.npy", np.zeros((100, w), np.uint8))
+        samples.append(Sample(img=tmp_path / "images" / f"{name}.npy",
+                              label=tmp_path / "labels" / f"{name}_labelTrainIds.npy", name=name))  # fmt: skip
+    stats = [{**{k: v for k, v in s.items() if k != "file"}, "file": s["file"].replace(".png", ".npy")} for s in STATS]
+    hint = "for labels of 25000 pixels on average use --set data.rcs.min_pixels=37"
+    with caplog.at_level("WARNING", logger="daformer_fast.data"):
+        rcs = RareClassSampler.from_stats(stats, samples, temperature=0.1, min_pixels=45, min_crop_ratio=0.5)
+    assert rcs.classes.tolist() == [1, 0]  # classes 2 (40 px) and 5 (10 px) are dropped: the warning
+    assert "classes 5, 2 never cover" in caplog.text and hint in caplog.text
+    with pytest.raises(DatasetError, match=hint):
+        RareClassSampler.from_stats(stats, samples, 0.1, 1000, 0.5)

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
-from daformer_fast.data.datasets import DatasetError, Sample
+from daformer_fast.data.datasets import DatasetError, Sample, read_label
 
 __all__ = [
     "GTA_LABEL_AREA",
@@ -49,14 +47,15 @@ def suggest_min_pixels(mean_label_area: float) -> int:
 
 
 def _min_pixels_hint(samples: list[Sample], limit: int = 32) -> str:
-    """The suggested min_pixels for these samples' labels (mean area of the first `limit`, from the file headers,
-    without decoding), as advice to append to a message; empty if no label reads."""
+    """The suggested min_pixels for these samples' labels (mean area of the first `limit`, read as training reads
+    them: an image or a `.npy` of the npy cache), as advice to append to a message; empty if no label reads."""
     areas = []
     for s in samples[:limit]:
+        if s.label is None:
+            continue
         try:
-            with Image.open(s.label) as im:
-                areas.append(im.size[0] * im.size[1])
-        except (OSError, ValueError, TypeError):
+            areas.append(read_label(s.label).size)  # only on a warning or error path: decoding is affordable
+        except (OSError, ValueError):  # DatasetError is a ValueError
             continue
     if not areas:
         return ""

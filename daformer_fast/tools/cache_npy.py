@@ -5,6 +5,8 @@ training loaders read it, resized with `pipeline.resize_pair` to the dataset's `
 of `tools.cache_dataset`'s docstring, verified per file), and written as a `.npy` (format 1.0, uint8, C order:
 H×W×3 RGB, H×W labels) to a temporary name and renamed. Before writing, the sizes from the image headers give the
 disk use of the whole cache; the tool refuses to start when the free space is smaller than what is still missing.
+A disk that fills up anyway (another writer) stops the build with one line naming the file and the space the whole
+cache needs; no temporary file is left behind and the finished files are kept for the re-run.
 
 Resumable and idempotent: a file of the right size under its final name is complete (renames are atomic) and is
 kept; a re-run writes only what is missing, and rewrites no file when nothing is. A folder holding a cache of
@@ -14,6 +16,7 @@ The index says `complete: false` until the last file is written, and the loaders
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -58,13 +61,48 @@ def _npy_path(path: Path) -> Path:
     return path.with_suffix(".npy")
 
 
+_BUILD_ID: int | None = None
+"""The id of the process that runs the build, set in its pool's workers (`_tmp_name`)."""
+
+
+def _set_build_id(pid: int) -> None:
+    global _BUILD_ID
+    _BUILD_ID = pid
+
+
+def _tmp_name(path: Path) -> Path:
+    """The temporary name `path` is written under: the building process's id first (the parent's, in a pool), so
+    a failed build can find the temporary files of all its workers (`_remove_tmp`)."""
+    return path.with_name(f".{path.name}.{_BUILD_ID or os.getpid()}-{os.getpid()}.tmp")
+
+
+def _atomic_write(path: Path, write: Callable[[object], None]) -> None:
+    """`write(file)` to a temporary name, renamed to `path` when complete; on any error the temporary file is
+    removed (never a half-written file anywhere) and a full disk is re-raised naming `path`."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            # A failed write names no file; the caller's message needs it (and it survives the pool's pickling).
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     """`arr` as a format 1.0 `.npy` at `path`, via a temporary name (never a half-written file under `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.lib.format.write_array(f, np.ascontiguousarray(arr), version=(1, 0))
-    tmp.replace(path)
+    _atomic_write(path, lambda f: np.lib.format.write_array(f, np.ascontiguousarray(arr), version=(1, 0)))
+
+
+def _remove_tmp(dst_root: Path, build_id: int) -> None:
+    """Remove the temporary files of build `build_id` under `dst_root`: pool workers stopped mid-write by the
+    pool's shutdown after another worker failed leave theirs behind."""
+    for tmp in dst_root.rglob(f".*.{build_id}-*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _done(path: Path, shape: tuple[int, ...]) -> bool:
@@ -115,9 +153,7 @@ def _cache_one(job: tuple[Sample, Path, Path | None, tuple[int, int]], scale, st
 
 def _write_if_changed(path: Path, data: bytes) -> None:
     if not (path.is_file() and path.read_bytes() == data):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        _atomic_write(path, lambda f: f.write(data))
 
 
 def _gb(n: int) -> str:
@@ -175,14 +211,27 @@ def build_npy_cache(
         raise DatasetError(f"not enough disk space for the npy cache at {dst_root}: it needs {_gb(missing)}, "
                            f"{_gb(free)} are free")  # fmt: skip
     if missing or not (dst_root / NPY_INDEX).is_file():
-        _write_if_changed(dst_root / NPY_INDEX, json.dumps({**index, "complete": False}).encode())
+        # An empty sample list keeps the index readable, so that a re-run of an interrupted build resumes it.
+        _write_if_changed(dst_root / NPY_INDEX, json.dumps({**index, "samples": [], "complete": False}).encode())
     work = partial(_cache_one, scale=tuple(ds.scale), strict=strict)
     bar = partial(tqdm, total=len(jobs), desc=desc, unit="img", disable=quiet)
-    if nproc > 1:
-        with Pool(nproc) as pool:
-            results = list(bar(pool.imap(work, jobs, chunksize=4)))  # imap: the index keeps list_samples order
-    else:
-        results = [work(j) for j in bar(jobs)]
+    try:
+        if nproc > 1:
+            with Pool(nproc, initializer=_set_build_id, initargs=(os.getpid(),)) as pool:
+                results = list(bar(pool.imap(work, jobs, chunksize=4)))  # imap: the index keeps list_samples order
+        else:
+            results = [work(j) for j in bar(jobs)]
+    except OSError as e:
+        _remove_tmp(dst_root, os.getpid())
+        if e.errno != errno.ENOSPC:
+            raise
+        # Finished files are complete and kept: a re-run after freeing space writes only the rest.
+        raise DatasetError(f"disk full while writing {e.filename}: the npy cache of {ds.name} at {dst_root} needs "
+                           f"{_gb(total)} in all ({_gb(missing)} were missing when this run started); free space "
+                           f"and run again (finished files are kept) or use another --out") from None  # fmt: skip
+    except BaseException:
+        _remove_tmp(dst_root, os.getpid())
+        raise
     skipped = [f"cannot read image {s.img}" for s, hw in zip(samples, sizes) if hw is None]
     skipped += [r[2] for r in results if r[2] is not None]
     copy_metadata()
