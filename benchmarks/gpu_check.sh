@@ -54,8 +54,8 @@ if [[ $DRY == 1 ]]; then
     TOY=(--device cpu --iters 1 --warmup 1 --skip +compile --set model.backbone=mit_b0 "data.crop=[64,64]")
     part throughput-eager 120 python benchmarks/throughput.py "${TOY[@]}" --json "$RES/throughput_eager.json"
     part kernels 30 python benchmarks/kernels.py --csv "$RES/kernels.csv"
-    part memory 60 python benchmarks/step_memory.py --device cpu --set model.backbone=mit_b0 "data.crop=[64,64]" \
-        --json "$RES/step_memory.json"
+    part memory 60 python benchmarks/step_memory.py --device cpu --mic --set model.backbone=mit_b0 \
+        "data.crop=[64,64]" --json "$RES/step_memory.json"
     part throughput-full 30 python benchmarks/throughput.py --device cpu --iters 1 --warmup 0 --quick \
         --skip +compile +bf16 +sync-free\ batched\ step +fused\ kernels --set "data.crop=[32,32]" \
         --json "$RES/throughput.json"
@@ -63,8 +63,9 @@ else
     # 3. Kernel tests, the fast-vs-original parity tests and the sync-free step test, on the GPU.
     part tests 150 python -m pytest -q -x tests/kernels tests/test_train_step.py tests/test_step_sync.py \
         -p no:cacheprovider
-    # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers.
-    part throughput-eager 100 python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
+    # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers. Its +MIC
+    #    line (the fused-kernels rung with MIC on) is the eager cost of MIC; the full ladder's comes last in step 7.
+    part throughput-eager 120 python benchmarks/throughput.py --config configs/gta2cs.yaml --iters 20 --warmup 3 \
         --skip +compile --json "$RES/throughput_eager.json"
     # 5. Kernel microbenchmarks at MiT-B5's shapes for 512x512 crops.
     part kernels 60 python benchmarks/kernels.py --dtype bf16 --csv "$RES/kernels.csv"
@@ -104,6 +105,15 @@ for name in ("throughput_eager.json", "throughput.json"):
                   f"{(f'{mem:.2f} GiB') if mem is not None else '-':>10}  MFU {mfu:>6}  x{e['speedup_vs_original']:.2f}")
         else:
             print(f"  {e['rung']:<25}{e.get('status', 'not reached')}: {e.get('reason', '')[:70]}")
+    mic = r.get("mic")
+    if mic and mic.get("status") == "measured":
+        mem = mic["peak_mem_gib"]
+        added = mic.get("added_ms_p50")
+        print(f"  {'+MIC':<25}{mic['img_s']:>9.2f} img/s {mic['ms_p50']:>9.1f} ms  "
+              f"{(f'{mem:.2f} GiB') if mem is not None else '-':>10}  over {mic['extends']}: "
+              + (f"{added:+.1f} ms, {mic['added_flop_per_iter'] / 1e12:+.3f} TFLOP" if added is not None else "-"))
+    elif mic:
+        print(f"  {'+MIC':<25}{mic.get('status', 'not reached')}: {mic.get('reason', '')[:70]}")
     if "fast" in r:
         print(f"  fast vs original: {r['fast']['speedup']:.2f}x; targets: {r.get('targets')}")
 p = res / "step_memory.json"

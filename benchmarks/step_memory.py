@@ -1,14 +1,16 @@
 """Tensor memory of one training step, counted on any device (a CPU will do) at any setting.
 
     python benchmarks/step_memory.py [--config configs/gta2cs.yaml] [--set section.key=value ...] [--json PATH]
-                                     [--flops] [--threads N]
+                                     [--flops] [--mic] [--threads N]
 
 Counts, for the original path in fp32 and the fast path in fp32 and bf16 (with the kernels `auto` picks there),
 the bytes of every tensor storage alive during one steady-state step: a `TorchDispatchMode` records each storage an
 op creates and a weak reference drops it when it is freed, on top of the state that lives across steps (student,
 EMA teacher and ImageNet copy, their buffers, the gradients of the previous step, AdamW's moments). The peak is
 split into that state and everything else (activations saved for backward, autocast's weight copies, temporaries).
-One untimed step runs first so that the optimizer state exists, as in training.
+One untimed step runs first so that the optimizer state exists, as in training. `--mic` adds a fourth setting,
+fast bf16 with MIC's masked pass (throughput.py's +MIC: `separatetrgaug`, cells of 32·crop/512 pixels), counted
+the same way.
 
 What this predicts for a GPU: the step's `torch.cuda.max_memory_allocated` to within what differs between devices
 (the op implementations' temporaries, cuDNN workspaces, the CUDA caching allocator's 512-byte rounding), not what
@@ -35,12 +37,20 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
-from throughput import Setting, _synthetic_batches, build_step, count_path_flops, initial_weights  # noqa: E402
+from throughput import (  # noqa: E402
+    Setting,
+    _synthetic_batches,
+    build_step,
+    count_mic_flops,
+    count_path_flops,
+    initial_weights,
+    mic_config,
+)
 
 from daformer_fast.config import load_config  # noqa: E402
 from daformer_fast.step import UDAStep  # noqa: E402
 
-__all__ = ["StorageTracker", "step_memory"]
+__all__ = ["MIC_NAME", "SETTINGS", "StorageTracker", "step_memory"]
 
 GIB = 2**30
 # fp32 is the configs' default (the paper's precision); bf16 autocast is the fast configuration of the ladder.
@@ -49,6 +59,7 @@ SETTINGS = {
     "fast fp32": Setting(path="fast", kernels="auto"),
     "fast bf16": Setting(path="fast", precision="bf16", kernels="auto"),
 }
+MIC_NAME = "fast bf16 + MIC"  # `--mic`: the "fast bf16" setting on mic_config(cfg)
 
 
 class StorageTracker(TorchDispatchMode):
@@ -143,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", nargs="*", default=[], help="config overrides, section.key=value")
     p.add_argument("--device", default="cpu")
     p.add_argument("--flops", action="store_true", help="also count the step's FLOPs (one more step per path)")
+    p.add_argument("--mic", action="store_true", help=f"a fourth setting, {MIC_NAME!r} (and its FLOPs)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="write the record here")
     args = p.parse_args(argv)
@@ -162,8 +174,12 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     print(f"{cfg.model.backbone} + {cfg.model.decoder}, crop {tuple(cfg.data.crop)}, batch {cfg.data.batch_size}+"
           f"{cfg.data.batch_size}, {device}")  # fmt: skip
-    for name, setting in SETTINGS.items():
-        m = step_memory(cfg, setting, state, batches, device)
+    runs = [(name, setting, cfg) for name, setting in SETTINGS.items()]
+    if args.mic:
+        runs.append((MIC_NAME, SETTINGS["fast bf16"], mic_config(cfg)))
+        record["setup"]["mic_block_size"] = runs[-1][2].uda.mic.block_size
+    for name, setting, run_cfg in runs:
+        m = step_memory(run_cfg, setting, state, batches, device)
         record["paths"][name] = m
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in m["at_peak_bytes"].items())
         if m["cuda_max_allocated_bytes"] is not None:
@@ -174,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
         for path, f in count_path_flops(cfg, state, batches[0], device).items():
             record.setdefault("flops", {})[path] = f["total"]
             print(f"FLOPs per iteration, {path} path: {f['total'] / 1e12:.3f} TFLOP", flush=True)
+        if args.mic:
+            total = count_mic_flops(cfg, state, batches[0], device)
+            record["flops"]["fast + MIC"] = total
+            print(f"FLOPs per iteration, fast path + MIC: {total / 1e12:.3f} TFLOP", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -11,6 +11,14 @@ measurement `auto` waits for; `auto` elsewhere) → +DALI (`data.loader=dali`, o
 `--real-data` on CUDA with DALI installed). A rung that cannot run here is skipped with the reason, and the rungs
 below it go on without its change. "original" in the JSON is the first rung, "fast" the last one measured.
 
++MIC (beside the ladder, `record["mic"]`): the last measured rung with Masked Image Consistency on
+(`uda.mic.mode=separatetrgaug` with DAFormer's teacher, as the reference MIC(DAFormer); cells of 32·crop/512
+pixels, at least 1, so the grid is that run's 16×16 cells at any crop), timed the same way, with its own
+fast-path FLOP count (its TFLOP/s and MFU use it) and what it adds to the rung it extends (`added_ms_p50`,
+`added_peak_mem_gib`, `added_flop_per_iter`): one more student forward+backward on the target batch per
+iteration. img/s counts the ladder's 2·batch images per iteration (the masked images are the target batch again).
+`--skip +MIC` leaves it out.
+
 Protocol: every rung starts from the same initial weights (`model.pretrained` is forced to null: no weight files,
 and the arithmetic does not depend on the values). `--warmup` steps (compilation included) are timed apart and
 excluded; then `--iters` steps are timed one by one (CUDA events on GPU, a host clock on CPU) and the median and
@@ -60,7 +68,8 @@ from daformer_fast.models import build_segmentor  # noqa: E402
 from daformer_fast.build import build_training  # noqa: E402
 from daformer_fast.step import UDAStep  # noqa: E402
 
-__all__ = ["LADDER", "Setting", "build_step", "count_path_flops", "initial_weights", "main", "run_benchmark"]
+__all__ = ["LADDER", "MIC_RUNG", "Setting", "build_step", "count_mic_flops", "count_path_flops", "initial_weights",
+           "main", "mic_block", "mic_config", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,29 @@ LADDER: tuple[tuple[str, dict], ...] = (
     ("+fused kernels", {"kernels": "auto"}),
     ("+DALI", {"loader": "dali"}),
 )
+MIC_RUNG = "+MIC"
+
+
+def mic_config(cfg: Config) -> Config:
+    """`cfg` with MIC(DAFormer)'s masked pass on: mode `separatetrgaug`, 32-pixel cells at 512-pixel crops scaled
+    to the crop (at least 1 pixel), the other MIC settings (ratio 0.7, DAFormer's teacher) as configured."""
+    r = dataclasses.replace
+    return r(cfg, uda=r(cfg.uda, mic=r(cfg.uda.mic, mode="separatetrgaug", block_size=mic_block(cfg))))
+
+
+def mic_block(cfg: Config) -> int:
+    """MIC's mask cell side for `cfg`'s crop: MIC(DAFormer)'s 32 pixels at 512 (docs/mic.md §9), in proportion."""
+    return max(1, round(32 * min(cfg.data.crop) / 512))
+
+
+def _mic_skip_reason(cfg: Config, skip: tuple[str, ...]) -> str | None:
+    if MIC_RUNG in skip:
+        return "--skip"
+    if cfg.uda.mode != "dacs":
+        return f"MIC runs on the DAFormer step (uda.mode dacs), not on {cfg.uda.mode}"
+    if cfg.uda.mic.mode is not None:
+        return f"the config already runs MIC (uda.mic.mode={cfg.uda.mic.mode}): every rung includes it"
+    return None
 
 
 def _apply(cfg: Config, s: Setting) -> Config:
@@ -209,6 +241,12 @@ def count_path_flops(cfg: Config, state: dict, batch: dict, device: torch.device
     return flops
 
 
+def count_mic_flops(cfg: Config, state: dict, batch: dict, device: torch.device) -> int:
+    """FLOPs of the fast step with MIC on (`mic_config`) at the steady-state iteration."""
+    return count_step_flops(_apply(mic_config(cfg), Setting(path="fast")), state, batch, cfg.schedule.warmup_iters,
+                            device)[0]  # fmt: skip
+
+
 def _build(name, setting, cfg, state, device, args_iters, real_tmp) -> _Rung:
     rcfg = _apply(cfg, setting)
     step = build_step(cfg, setting, state, device)
@@ -260,10 +298,16 @@ def run_benchmark(
     if tmp is not None:
         cfg = _real_data_config(cfg, Path(tmp.name))
 
-    flops = count_path_flops(cfg, state, _synthetic_batches(cfg, device, 1)[0], device)
+    flop_batch = _synthetic_batches(cfg, device, 1)[0]
+    flops = count_path_flops(cfg, state, flop_batch, device)
     model_flop = flops["fast"]["total"]
     log(f"FLOPs per iteration: {model_flop / 1e12:.4f} TFLOP (fast path); the original path executes "
         f"{flops['original']['total'] / 1e12:.4f}")  # fmt: skip
+    mic_why, mic_cfg, mic_flop = _mic_skip_reason(cfg, skip), None, None
+    if mic_why is None:
+        mic_cfg = mic_config(cfg)
+        mic_flop = count_mic_flops(cfg, state, flop_batch, device)
+        log(f"FLOPs per iteration with MIC: {mic_flop / 1e12:.4f} TFLOP (fast path)")
 
     record = {
         **environment(device),
@@ -290,8 +334,44 @@ def run_benchmark(
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
 
-    setting, live = Setting(), []
+    setting, last, live = Setting(), None, []
     n_steps = warmup + iters
+
+    def attempt(name: str, entry: dict, candidate: Setting, rcfg: Config, flop: int) -> bool:
+        """Build and warm up one rung (and time it, `sequential`); False when it failed."""
+        if order == "sequential":
+            live.clear()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+        try:
+            n_before = len(dispatch_log.lines)
+            rung = _build(name, candidate, rcfg, state, device, n_steps, tmp)
+            w = time.perf_counter()
+            for i in range(warmup):
+                rung.run(t0 + i, device)
+            _sync(device)
+            rung.warmup_s = time.perf_counter() - w
+            rung.dispatch = dispatch_log.lines[n_before:]
+        except Exception as e:  # a rung that fails here (e.g. a compiler error) must not lose the others
+            entry.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+            log(f"{name}: failed ({type(e).__name__}: {e})")
+            return False
+        rung.times_ms, rung.wait_s, rung.wall_s, rung.skipped_steps = [], 0.0, 0.0, 0
+        live.append((rung, entry, flop))
+        if order == "sequential":
+            for i in range(iters):
+                rung.run(t0 + warmup + i, device)
+            _sync(device)
+            peak = None
+            if device.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated(device) / 2**30,
+                        torch.cuda.max_memory_reserved(device) / 2**30)  # fmt: skip
+            _finish(record, rung, entry, device, imgs, flop, peak, log)
+            write()
+        return True  # with `live` cleared by the next rung, nothing then holds this rung's model and state
+
     try:
         for name, change in LADDER:
             entry = {"rung": name, "change": change}
@@ -306,50 +386,28 @@ def run_benchmark(
                 change = {**change, "kernels": "triton"}
                 entry["change"] = change
             candidate = dataclasses.replace(setting, **change)
-            if order == "sequential":
-                live.clear()
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-            try:
-                n_before = len(dispatch_log.lines)
-                rung = _build(name, candidate, cfg, state, device, n_steps, tmp)
-                w = time.perf_counter()
-                for i in range(warmup):
-                    rung.run(t0 + i, device)
-                _sync(device)
-                rung.warmup_s = time.perf_counter() - w
-                rung.dispatch = dispatch_log.lines[n_before:]
-            except Exception as e:  # a rung that fails here (e.g. a compiler error) must not lose the others
-                entry.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
-                log(f"{name}: failed ({type(e).__name__}: {e})")
-                continue
-            rung.times_ms, rung.wait_s, rung.wall_s, rung.skipped_steps = [], 0.0, 0.0, 0
-            setting = candidate
-            live.append((rung, entry))
-            if order == "sequential":
-                for i in range(iters):
-                    rung.run(t0 + warmup + i, device)
-                _sync(device)
-                peak = None
-                if device.type == "cuda":
-                    peak = (torch.cuda.max_memory_allocated(device) / 2**30,
-                            torch.cuda.max_memory_reserved(device) / 2**30)  # fmt: skip
-                _finish(record, rung, entry, device, imgs, model_flop, peak, log)
-                write()
-                rung = None  # with `live` cleared, nothing then holds this rung's model and state
+            if attempt(name, entry, candidate, cfg, model_flop):
+                setting, last = candidate, name
+        mic = record["mic"] = {"rung": MIC_RUNG, "extends": last, "flop_per_iter": mic_flop, "change":
+                               {"uda.mic.mode": "separatetrgaug", "uda.mic.block_size": mic_block(cfg)}}  # fmt: skip
+        why = mic_why or (None if last else "no ladder rung ran to extend")
+        if why:
+            mic.update(status="skipped", reason=why)
+            log(f"{MIC_RUNG}: skipped ({why})")
+        else:
+            attempt(MIC_RUNG, mic, setting, mic_cfg, mic_flop)
         if order == "interleaved":
             for i in range(iters):
-                for rung, _ in live:
+                for rung, _, _ in live:
                     rung.run(t0 + warmup + i, device)
             _sync(device)
-            for rung, entry in live:
-                _finish(record, rung, entry, device, imgs, model_flop, None, log)
+            for rung, entry, flop in live:
+                _finish(record, rung, entry, device, imgs, flop, None, log)
     finally:
         logging.getLogger("daformer_fast.ops").removeHandler(dispatch_log)
         if tmp is not None:
             tmp.cleanup()
+    _mic_added(record)
     measured = [e for e in record["ladder"] if e.get("status") == "measured"]
     if measured:
         ref, fast = measured[0], measured[-1]
@@ -367,13 +425,29 @@ def run_benchmark(
 
 
 def _finish(record, rung, entry, device, imgs, model_flop, peak, log) -> None:
-    """Fill `entry` with the rung's numbers; gains are against the nearest measured rung above it."""
+    """Fill `entry` with the rung's numbers; gains are against the nearest measured rung above it (+MIC: the
+    whole ladder's, i.e. the rung it extends)."""
     s = _summary(rung, device, imgs, model_flop, peak)
-    above = [e for e in record["ladder"][: record["ladder"].index(entry)] if e.get("status") == "measured"]
+    ladder = record["ladder"]
+    above = [e for e in ladder[: ladder.index(entry) if entry in ladder else None] if e.get("status") == "measured"]
     s["gain"] = round(s["img_s"] / above[-1]["img_s"], 3) if above else 1.0
     s["speedup_vs_original"] = round(s["img_s"] / above[0]["img_s"], 3) if above else 1.0
     entry.update(status="measured", setting=dataclasses.asdict(rung.setting), **s)
     log(f"{rung.name}: {s['img_s']:.3f} img/s, p50 {s['ms_p50']:.1f} ms, gain {s['gain']:.2f}x")
+
+
+def _mic_added(record: dict) -> None:
+    """What +MIC adds to the rung it extends: time, peak memory (where measured), FLOPs."""
+    mic = record.get("mic")
+    if not mic or mic.get("status") != "measured":
+        return
+    base = next(e for e in record["ladder"] if e["rung"] == mic["extends"])
+    if base.get("status") != "measured":
+        return
+    mems = mic["peak_mem_gib"], base["peak_mem_gib"]
+    mem = None if None in mems else round(mems[0] - mems[1], 3)  # None: not per rung (CPU, interleaved)
+    mic.update(added_ms_p50=round(mic["ms_p50"] - base["ms_p50"], 3), added_peak_mem_gib=mem,
+               added_flop_per_iter=mic["flop_per_iter"] - record["flops"]["model_flop_per_iter"])  # fmt: skip
 
 
 def print_table(record: dict) -> None:
@@ -382,7 +456,8 @@ def print_table(record: dict) -> None:
           f"{record['flops']['model_flop_per_iter'] / 1e12:.3f} TFLOP/iter")  # fmt: skip
     head = f"{'rung':<25}{'img/s':>9}{'ms p50':>10}{'ms p90':>10}{'GiB':>7}{'wait%':>7}{'TFLOP/s':>9}{'MFU':>7}"
     print(head + f"{'gain':>7}{'total':>7}")
-    for e in record["ladder"]:
+    mic = record.get("mic")
+    for e in record["ladder"] + ([mic] if mic else []):
         if e["status"] != "measured":
             print(f"{e['rung']:<25}{e['status']}: {e['reason']}")
             continue
@@ -391,6 +466,10 @@ def print_table(record: dict) -> None:
         print(f"{e['rung']:<25}{e['img_s']:>9.3f}{e['ms_p50']:>10.1f}{e['ms_p90']:>10.1f}{mem:>7}"
               f"{e['data_wait_pct']:>7.1f}{e['tflops']:>9.3f}{mfu:>7}{e['gain']:>6.2f}x"
               f"{e['speedup_vs_original']:>6.2f}x")  # fmt: skip
+    if mic and "added_ms_p50" in mic:
+        mem = f", {mic['added_peak_mem_gib']:+.3f} GiB peak" if mic["added_peak_mem_gib"] is not None else ""
+        print(f"{MIC_RUNG} over {mic['extends']}: {mic['added_ms_p50']:+.1f} ms p50, "
+              f"{mic['added_flop_per_iter'] / 1e12:+.4f} TFLOP/iter{mem}")  # fmt: skip
     if "fast" in record:
         print(f"fast vs original: {record['fast']['speedup']:.2f}x")
 
@@ -405,8 +484,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="write the record here (rewritten after every rung)")
     p.add_argument("--real-data", action="store_true", help="batches from the training loaders")
     p.add_argument("--order", choices=["sequential", "interleaved"], default=None)
-    p.add_argument("--skip", nargs="*", default=[], choices=[n for n, _ in LADDER], metavar="RUNG",
-                   help="rungs to leave out (a later rung then goes on without that change)")
+    p.add_argument("--skip", nargs="*", default=[], choices=[n for n, _ in LADDER] + [MIC_RUNG], metavar="RUNG",
+                   help="rungs to leave out (a later rung then goes on without that change; +MIC: no MIC line)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, section.key=value")
     args = p.parse_args(argv)

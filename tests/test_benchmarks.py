@@ -1,6 +1,7 @@
 """The benchmark scripts at toy sizes (MiT-b0, 32x32 crops, no warm-up): throughput.py's record (schema, FLOP
-counts), the FLOP counter's grouped convolution fix, and kernels.py's clean exit without a GPU."""
+counts, the +MIC entry), the FLOP counter's grouped convolution fix, and kernels.py's clean exit without a GPU."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -10,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 # benchmarks/kernels.py under another name: a top-level `kernels` is the name setup.py keeps free (the kernel package
 # imports as daformer_fast.kernels). Registered before it runs: dataclasses look their module up in sys.modules.
 _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "benchmarks/kernels.py")
@@ -23,7 +25,11 @@ from step_flops import flop_counter  # noqa: E402
 from step_memory import StorageTracker  # noqa: E402
 
 from daformer_fast.config import parse_config  # noqa: E402
+from daformer_fast.data.pipeline import normalize  # noqa: E402
 from daformer_fast.models import build_segmentor  # noqa: E402
+from daformer_fast.ops.classmix_aug import gaussian_blur  # noqa: E402
+from daformer_fast.ops.dispatch import using_impl  # noqa: E402
+from daformer_fast.uda.losses import seg_ce_loss  # noqa: E402
 
 ENTRY_KEYS = {"img_s", "ms_p50", "ms_p90", "peak_mem_gib", "data_wait_pct", "warmup_s", "tflops", "mfu", "gain",
               "speedup_vs_original", "setting", "status", "rung"}  # fmt: skip
@@ -80,6 +86,81 @@ def test_flop_counts_positive_and_consistent(record):
     assert e["tflops"] == pytest.approx(model / (e["ms_p50"] * 1e-3) / 1e12, rel=1e-3)
 
 
+def test_record_mic_entry(record):
+    """+MIC extends the last measured rung with MIC on, timed beside it, with its own FLOPs and the differences."""
+    mic, fast = record["mic"], record["fast"]
+    assert mic["rung"] == throughput.MIC_RUNG and mic["status"] == "measured" and mic["extends"] == fast["rung"]
+    assert ENTRY_KEYS <= set(mic), ENTRY_KEYS - set(mic)
+    assert mic["change"] == {"uda.mic.mode": "separatetrgaug", "uda.mic.block_size": 2}  # 32 px at 512: 2 at 32
+    assert mic["setting"] == fast["setting"]
+    assert len(mic["ms_all"]) == 2 and 0 < mic["ms_p50"] <= mic["ms_p90"] and mic["img_s"] > 0
+    assert mic["mfu"] is None and mic["peak_mem_gib"] is None and mic["added_peak_mem_gib"] is None  # interleaved
+    assert mic["added_ms_p50"] == pytest.approx(mic["ms_p50"] - fast["ms_p50"], abs=1e-3)
+    assert mic["added_flop_per_iter"] == mic["flop_per_iter"] - record["flops"]["model_flop_per_iter"] > 0
+    assert mic["tflops"] == pytest.approx(mic["flop_per_iter"] / (mic["ms_p50"] * 1e-3) / 1e12, rel=1e-3)
+    assert mic["gain"] == pytest.approx(mic["img_s"] / fast["img_s"], rel=1e-2)
+    assert [e["rung"] for e in record["ladder"]] == [name for name, _ in throughput.LADDER]  # not a ladder rung
+
+
+def test_mic_block_scales_with_the_crop():
+    sizes = {512: 32, 1024: 64, 128: 8, 32: 2, 24: 2, 16: 1, 8: 1}  # 32·crop/512 rounded, at least 1
+    for crop, block in sizes.items():
+        cfg = throughput.mic_config(parse_config({"data": {"crop": [crop, crop]}}))
+        assert (cfg.uda.mic.mode, cfg.uda.mic.block_size) == ("separatetrgaug", block), crop
+
+
+def _student_flops(cfg, state, images):
+    """(forward, backward, first convolution's forward, blur) FLOPs of the student alone on `images` and of the
+    Gaussian blur of `images`, each counted apart."""
+    student = build_segmentor(cfg.model)
+    student.load_state_dict(state)
+    student.train()
+    with using_impl("reference"):
+        with flop_counter() as fwd:
+            logits = student(images)
+        with flop_counter() as bwd:
+            seg_ce_loss(logits, torch.zeros(images.shape[:1] + images.shape[2:], dtype=torch.long)).backward()
+        with flop_counter() as first, torch.no_grad():
+            student.backbone.patch_embed1.proj(images)
+        with flop_counter() as blur:
+            gaussian_blur(images, torch.full(images.shape[:1], 0.5))
+    return fwd.get_total_flops(), bwd.get_total_flops(), first.get_total_flops(), blur.get_total_flops()
+
+
+def test_mic_flops_are_one_more_student_pass(record):
+    """The masked pass is one student forward+backward on the target batch (same shapes as the batch), so MIC adds
+    exactly what that costs counted on its own, plus its blur's two 1-D convolutions when the batch's coin says
+    blur; by hand, the backward is two forwards except the gradient of the image (the first convolution's input,
+    which needs none): 3·forward − first convolution, within [2.9, 3] forwards. A separate MIC teacher adds one
+    more (no-grad) forward of the same network."""
+    cfg = parse_config({"model": {"backbone": "mit_b0", "pretrained": None}, "data": {"crop": [32, 32]}})
+    state = throughput.initial_weights(cfg)
+    batch = throughput._synthetic_batches(cfg, torch.device("cpu"), 1)[0]
+    fwd, bwd, first, blur = _student_flops(cfg, state, normalize(batch["target_img"]))
+    added = record["mic"]["added_flop_per_iter"]
+    assert added - (fwd + bwd) in (0, blur) and 0 < blur < 0.01 * fwd
+    assert bwd == 2 * fwd - first and 2.9 * fwd <= fwd + bwd <= 3 * fwd
+    r = dataclasses.replace
+    separate = r(cfg, uda=r(cfg.uda, mic=r(cfg.uda.mic, alpha=0.99)))  # its own EMA teacher
+    total = throughput.count_mic_flops(separate, state, batch, torch.device("cpu"))
+    assert total - record["mic"]["flop_per_iter"] == fwd
+
+
+def test_skip_mic_from_the_command_line(capsys):
+    """`--skip +MIC` leaves a skipped entry with its reason, and the table says so."""
+    rungs = [name for name, _ in throughput.LADDER if name != "fp32 eager original"]
+    threads = torch.get_num_threads()
+    try:
+        rec = throughput.main(["--quick", "--config", str(ROOT / "configs/gta2cs.yaml"), "--iters", "1", "--warmup",
+                               "0", "--threads", "1", "--set", "data.crop=[32,32]", "--skip", *rungs,
+                               throughput.MIC_RUNG])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert rec["mic"]["status"] == "skipped" and rec["mic"]["reason"] == "--skip"
+    assert not {"added_ms_p50", "ms_p50"} & set(rec["mic"])
+    assert f"{throughput.MIC_RUNG:<25}skipped: --skip" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("groups", [1, 8], ids=["dense", "grouped"])
 def test_conv_backward_counts_like_forward(groups):
     """FlopCounterMode's own backward formula ignores groups; ours charges each gradient one forward."""
@@ -133,8 +214,11 @@ def test_step_memory_accounts_for_the_persistent_state():
 
     params = nbytes(student.parameters())
     weights = 2 * nbytes(student.state_dict().values()) + nbytes(student.backbone.state_dict().values())
-    for setting in step_memory.SETTINGS.values():
-        m = step_memory.step_memory(cfg, setting, state, batches, torch.device("cpu"))
+    # MIC with DAFormer's teacher keeps no more state across steps.
+    runs = [(cfg, s) for s in step_memory.SETTINGS.values()]
+    runs.append((throughput.mic_config(cfg), step_memory.SETTINGS["fast bf16"]))
+    for run_cfg, setting in runs:
+        m = step_memory.step_memory(run_cfg, setting, state, batches, torch.device("cpu"))
         at = m["at_peak_bytes"]
         assert at["weights"] == weights
         assert at["gradients"] == params
