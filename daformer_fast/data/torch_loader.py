@@ -17,7 +17,6 @@ batch["valid_hw"])`, which also zeroes the padding as the original does.
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -98,15 +97,17 @@ def build_torch_loader(
     return DataLoader(
         dataset, batch_size=B, sampler=indices, num_workers=workers, pin_memory=pin_memory, drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_exit_on_sigterm if workers > 0 else None,
+        worker_init_fn=_ignore_sigterm if workers > 0 else None,
     )  # fmt: skip
 
 
-def _exit_on_sigterm(worker_id: int) -> None:
-    """Schedulers send SIGTERM to the whole process group on preemption. A worker killed by it makes the main
-    process raise (torch's SIGCHLD check) before it can checkpoint; a worker exiting with status 0 does not, and the
-    main process, which got the same signal, stops after its current step (trainer._Preemption)."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+def _ignore_sigterm(worker_id: int) -> None:
+    """Schedulers send SIGTERM to the whole process group on preemption. A worker that dies of it (or exits on it)
+    makes the main process raise before it can checkpoint: torch's SIGCHLD check, or a batch the worker queued just
+    before exiting that can no longer be received (its shared-memory handle goes through the dead worker). The worker
+    ignores the signal instead and keeps serving; the main process, which got the same signal, stops after its
+    current step (`trainer.StopAgreement`), and its exit ends the workers (they watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class FailureMonitor:
