@@ -12,53 +12,20 @@ catches those.
 """
 
 import os
-import traceback
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from daformer_fast.build import build_training
 from daformer_fast.config import parse_config
 
-aten = torch.ops.aten
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from overhead import HostReadDetector  # noqa: E402  (the detector and its HOST_READS rule live with the benchmark)
+
 DEVICE = torch.device(os.environ.get("DAFORMER_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 B, H, W = 2, 64, 64
-# Ops that wait for a device tensor's values: a scalar read, or an output whose size depends on the data.
-HOST_READS = {
-    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.bincount.default,
-    aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default, aten.argwhere.default,
-    aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor,
-}  # fmt: skip
-
-
-class HostReadDetector(TorchDispatchMode):
-    """Records host reads of "device" tensors: `track` seeds them, op outputs inherit the mark from their inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.device_storages: set[int] = set()
-        self.reads: list[str] = []
-
-    def track(self, tensors) -> None:
-        for t in tensors:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
-                self.device_storages.add(t.untyped_storage().data_ptr())
-
-    def _on_device(self, t) -> bool:
-        return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.device_storages
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = tree_leaves((args, kwargs or {}))
-        if func in HOST_READS and any(self._on_device(t) for t in inputs):
-            where = [f for f in traceback.extract_stack() if "daformer_fast" in f.filename]
-            self.reads.append(f"{func} at {where[-1].filename}:{where[-1].lineno} ({where[-1].line})" if where
-                              else str(func))  # fmt: skip
-        out = func(*args, **(kwargs or {}))
-        if any(self._on_device(t) for t in inputs):
-            self.track(tree_leaves(out))
-        return out
 
 
 def _cfg(path: str, mic: dict | None = None):
