@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from daformer_fast.checkpoint import load_weights
 from daformer_fast.config import Config
 from daformer_fast.models import Segmentor, build_segmentor
-from daformer_fast.ops.dispatch import set_default_impl
+from daformer_fast.ops.dispatch import set_default_impl, triton_available
 from daformer_fast.step import UDAStep, build_optimizer, frozen_copy
 
 __all__ = ["build_training"]
@@ -69,6 +69,9 @@ def build_training(
     mic_teacher = frozen_copy(student) if dacs and cfg.uda.mic.separate_teacher else None
     optimizer = build_optimizer(cfg.optim, student, fused=cfg.train.path == "fast")  # 5
     if cfg.train.compile:  # 6
+        # Probe Triton once before anything is traced: probed inside the first compiled forward, its cache would
+        # become a guard and the second step would recompile.
+        triton_available()
         for net in (student, teacher, imnet, mic_teacher):
             if net is not None:
                 net.compile()
