@@ -33,15 +33,9 @@ from daformer_fast.config import OptimConfig, ScheduleConfig, TrainConfig, UDACo
 from daformer_fast.data.pipeline import _norm_stats, normalize
 from daformer_fast.models.mit import DropPath, MixVisionTransformer
 from daformer_fast.models.segmentor import Segmentor, param_groups
-from daformer_fast.ops.augment import color_jitter, jitter_normalised
 from daformer_fast.ops.classmix_aug import gaussian_blur, mix, mix_and_jitter
 from daformer_fast.ops.dispatch import Impl, using_impl
-from daformer_fast.uda.augment import (
-    color_jitter_original,
-    draw_strong_params,
-    gaussian_blur_original,
-    strong_transform_original,
-)
+from daformer_fast.uda.augment import apply_strong, draw_strong_params, strong_transform_original
 from daformer_fast.uda.classmix import chosen_classes, class_masks_original
 from daformer_fast.uda.ema import update_ema
 from daformer_fast.uda.fdist import feature_distance
@@ -168,7 +162,7 @@ class UDAStep:
     @torch.no_grad()
     def _pseudo_labels(self, target_img: torch.Tensor, teacher=None, threshold=None):
         """(labels, weights) of a teacher (DAFormer's by default) on the target images."""
-        logits = (teacher or self.teacher)(target_img)
+        logits = (self.teacher if teacher is None else teacher)(target_img)
         return pseudo_label(
             logits, tuple(target_img.shape[-2:]), self.uda.pseudo_threshold if threshold is None else threshold,
             self.uda.pseudo_weight_ignore_top, self.uda.pseudo_weight_ignore_bottom,
@@ -191,13 +185,8 @@ class UDAStep:
                 pl, pw = self._pseudo_labels(tgt, self.mic_teacher, mic_threshold(mic, self.uda))
         images, labels, weights = mic_batch(mic.mode, img, gt, tgt, pl, pw)
         if mic.mode.endswith("aug"):
-            aug = draw_mic_aug(images.shape[0], gen, self.uda)
-            jitter_fn = color_jitter_original if self.original else color_jitter
-            if aug.jitter:
-                images = jitter_normalised(images, self.mean, self.std, aug.jitter_params, jitter_fn)
-            if aug.blur:
-                sigma = to_device(aug.sigma_B, images.device)
-                images = gaussian_blur_original(images, sigma) if self.original else gaussian_blur(images, sigma)
+            images = apply_strong(images, self.mean, self.std, draw_mic_aug(images.shape[0], gen, self.uda),
+                                  original=self.original)  # fmt: skip
         uniforms = to_device(draw_block_uniforms(images.shape[0], images.shape[-2:], mic.block_size, gen), self.device)
         keep = block_keep_mask(uniforms, tuple(images.shape[-2:]), mic.ratio)
         masked = images * keep

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from daformer_fast.build import build_training
 from daformer_fast.config import parse_config
 from daformer_fast.distributed import init_distributed, shutdown
+from test_train_step import _batch  # this script's folder (tests/) is on sys.path
 
 
 def _flat(module: torch.nn.Module) -> torch.Tensor:
@@ -29,12 +30,8 @@ def main(out: Path) -> None:
     d = init_distributed("cpu")
     try:
         _, step, _ = build_training(cfg, d.device, rank=d.rank, ddp=True)
-        g = torch.Generator().manual_seed(100 + d.rank)  # each rank its own batches
         for t in range(3):
-            gt = torch.randint(0, 19, (2, 2, 2), generator=g).repeat_interleave(32, 1).repeat_interleave(32, 2)
-            batch = {"img": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8), "gt": gt,
-                     "target_img": torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)}  # fmt: skip
-            out_t = step(batch, t)
+            out_t = step(_batch(100 * d.rank + t), t)  # each rank its own batches
             assert float(out_t["loss_mic"]) > 0
         for name, net in (("student", step.student), ("teacher", step.teacher), ("mic_teacher", step.mic_teacher)):
             mine = _flat(net)

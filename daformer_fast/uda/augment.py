@@ -30,12 +30,14 @@ from daformer_fast.ops.augment import (
     adjust_hue,
     adjust_saturation,
     blur_kernel_size,
+    color_jitter,
     gaussian_kernel1d,
     jitter_normalised,
 )
+from daformer_fast.ops.classmix_aug import gaussian_blur
 from daformer_fast.utils import to_device
 
-__all__ = ["StrongParams", "color_jitter_original", "draw_strong_params", "gaussian_blur_original",
+__all__ = ["StrongParams", "apply_strong", "color_jitter_original", "draw_strong_params", "gaussian_blur_original",
            "strong_transform_original"]  # fmt: skip
 
 
@@ -123,9 +125,23 @@ def strong_transform_original(
     `draw_strong_params` from `generator`, as the fast step does. Returns the input itself when both switches are
     off."""
     params = draw_strong_params(mixed_norm_B3HW.shape[0], generator, cfg)
-    x = mixed_norm_B3HW
+    return apply_strong(mixed_norm_B3HW, mean, std, params, original=True)
+
+
+def apply_strong(
+    x_B3HW: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+    params: StrongParams,
+    original: bool = False,
+) -> torch.Tensor:
+    """Colour jitter then blur of a normalised batch by drawn `params` (either switch may be off): with the batched
+    ops (`ops.augment.color_jitter`, the `gaussian_blur` op) or, `original`, the per-sample twins. Returns the input
+    itself when both switches are off."""
     if params.jitter:
-        x = jitter_normalised(x, mean, std, params.jitter_params, color_jitter_original)
+        jitter_fn = color_jitter_original if original else color_jitter
+        x_B3HW = jitter_normalised(x_B3HW, mean, std, params.jitter_params, jitter_fn)
     if params.blur:
-        x = gaussian_blur_original(x, to_device(params.sigma_B, x.device))
-    return x
+        sigma_B = to_device(params.sigma_B, x_B3HW.device)
+        x_B3HW = gaussian_blur_original(x_B3HW, sigma_B) if original else gaussian_blur(x_B3HW, sigma_B)
+    return x_B3HW
