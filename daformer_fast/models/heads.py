@@ -20,33 +20,56 @@ import torch.nn.functional as F
 
 from daformer_fast.ops.depthwise import depthwise_conv2d
 
-__all__ = ["ConvModule", "DAFormerHead", "SegFormerHead"]
+__all__ = ["ConvModule", "DAFormerHead", "DepthwiseSeparableConvModule", "SegFormerHead", "init_conv_modules"]
 
 
 class ConvModule(nn.Module):
-    """Conv (no bias) → BatchNorm → ReLU, named `conv` / `bn` as in the official checkpoints."""
+    """mmcv's ConvModule: Conv2d → BatchNorm (`bn`) → ReLU (`activate`), in that order, named as the official
+    checkpoints name them (docs/architectures.md §0.1).
 
-    def __init__(self, cin: int, cout: int, kernel: int, *, dilation: int = 1, groups: int = 1) -> None:
+    norm=False is the original's `norm_cfg=None` (the `_nodbn` decoders): no `bn`, and the conv gets a bias (mmcv's
+    bias='auto' rule: a bias exactly when there is no norm). act=False drops the ReLU. Padding defaults to
+    dilation·(kernel//2), i.e. "same" for odd kernels.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: bool = True,
+        act: bool = True,
+        inplace: bool = True,
+    ) -> None:
         super().__init__()
         pad = dilation * (kernel // 2)
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(cout)
-        self.activate = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, groups=groups, bias=not norm)
+        if norm:
+            self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.ReLU(inplace=inplace) if act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        if c.groups > 1 and c.groups == c.in_channels == c.out_channels:  # fp32 under CPU autocast: ops.depthwise
-            y = depthwise_conv2d(x, c.weight, c.bias, padding=c.padding, dilation=c.dilation)
+        if c.groups > 1 and c.groups == c.in_channels == c.out_channels and c.stride == (1, 1):
+            y = depthwise_conv2d(x, c.weight, c.bias, padding=c.padding, dilation=c.dilation)  # fp32 under CPU autocast
         else:
             y = c(x)
-        return self.activate(self.bn(y))
+        if hasattr(self, "bn"):
+            y = self.bn(y)
+        return self.activate(y) if self.activate is not None else y
 
 
 class DepthwiseSeparableConvModule(nn.Module):
-    def __init__(self, cin: int, cout: int, kernel: int, dilation: int) -> None:
+    """A depthwise ConvModule then a pointwise (1×1) one, each with its own norm and ReLU (mmcv's DW module)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int, *, norm: bool = True) -> None:
         super().__init__()
-        self.depthwise_conv = ConvModule(cin, cin, kernel, dilation=dilation, groups=cin)
-        self.pointwise_conv = ConvModule(cin, cout, 1)
+        self.depthwise_conv = ConvModule(cin, cin, kernel, dilation=dilation, groups=cin, norm=norm)
+        self.pointwise_conv = ConvModule(cin, cout, 1, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise_conv(self.depthwise_conv(x))
@@ -85,13 +108,17 @@ class ASPPWrapper(nn.Module):
         return self.bottleneck(torch.cat([m(x) for m in self.aspp_modules], dim=1))
 
 
-def _init_conv_modules(module: nn.Module) -> None:
-    """mmcv ConvModule init: Kaiming-normal (fan_out, ReLU; groups not divided out), BN weight 1 / bias 0."""
+def init_conv_modules(module: nn.Module) -> None:
+    """mmcv ConvModule init: Kaiming-normal (fan_out, ReLU; groups not divided out), conv bias 0, BN weight 1 /
+    bias 0 (docs/architectures.md §4)."""
     for m in module.modules():
         if isinstance(m, ConvModule):
             nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.ones_(m.bn.weight)
-            nn.init.zeros_(m.bn.bias)
+            if m.conv.bias is not None:
+                nn.init.zeros_(m.conv.bias)
+            if hasattr(m, "bn"):
+                nn.init.ones_(m.bn.weight)
+                nn.init.zeros_(m.bn.bias)
 
 
 class DAFormerHead(nn.Module):
@@ -120,7 +147,7 @@ class DAFormerHead(nn.Module):
 
     def init_weights(self) -> None:
         # Embedding Linear layers keep PyTorch's default init (as the original); the classifier is N(0, 0.01).
-        _init_conv_modules(self)
+        init_conv_modules(self)
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
         nn.init.zeros_(self.conv_seg.bias)
 
@@ -150,7 +177,7 @@ class SegFormerHead(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        _init_conv_modules(self)
+        init_conv_modules(self)
         nn.init.normal_(self.linear_pred.weight, 0.0, 0.01)
         nn.init.zeros_(self.linear_pred.bias)
 

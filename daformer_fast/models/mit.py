@@ -154,6 +154,7 @@ class MixVisionTransformer(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed_dims = spec.embed_dims
+        self.out_channels = spec.embed_dims  # the encoder interface the decoders read (CNN encoders have it too)
         rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()
         cur = 0
         for i in range(4):

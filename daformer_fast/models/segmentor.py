@@ -47,7 +47,7 @@ class Segmentor(nn.Module):
 def build_segmentor(cfg: ModelConfig) -> Segmentor:
     """MiT encoder + the configured decoder, randomly initialised (pretrained weights: `checkpoint.load_weights`)."""
     backbone = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
-    dims = backbone.embed_dims
+    dims = backbone.out_channels
     match cfg.decoder:
         case "daformer_sepaspp" | "daformer_aspp" | "daformer_conv1":
             fusion = cfg.decoder.removeprefix("daformer_")
