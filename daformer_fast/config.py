@@ -39,9 +39,15 @@ __all__ = [
     "save_config",
 ]
 
-Backbone = Literal["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"]
-Decoder = Literal["daformer_sepaspp", "daformer_conv1", "daformer_aspp", "segformer"]
-DatasetName = Literal["gta", "synthia", "cityscapes", "acdc", "darkzurich", "folder"]
+Backbone = Literal[
+    "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5",
+    "resnet50_v1c", "resnet101_v1c", "resnest50", "resnest101", "resnest200", "resnext50_32x4d", "resnext101_32x4d",
+]  # fmt: skip
+Decoder = Literal[
+    "daformer_sepaspp", "daformer_conv1", "daformer_aspp", "daformer_isa", "daformer_sepaspp_bottleneck",
+    "segformer", "dlv2red", "dlv2", "dlv3p", "sfa_dlv3p", "danet", "isanet", "upernet", "upernet_ch256",
+]  # fmt: skip
+DatasetName = Literal["gta", "synthia", "cityscapes", "acdc", "darkzurich", "bdd100k", "mapillary", "folder"]
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -61,9 +67,16 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     backbone: Backbone = "mit_b5"
-    """Mix Transformer size; the recipe's is mit_b5 (docs/recipe.md §1.2, §4.1)."""
+    """Encoder: a Mix Transformer size (the recipe's is mit_b5, docs/recipe.md §1.2, §4.1) or one of the paper's CNN
+    encoders at output stride 8 (ResNet V1c, ResNeSt, ResNeXt 32x4d; docs/architectures.md §1)."""
     decoder: Decoder = "daformer_sepaspp"
-    """DAFormer head with separable ASPP fusion (final), its ablations, or the SegFormer MLP head."""
+    """DAFormer head with separable ASPP fusion (final) or one of its Table-7 variants, the SegFormer MLP head, or
+    a CNN-era decoder: DeepLabV2 (`dlv2red`: dilations 6/12; `dlv2`: 6/12/18/24), DeepLabV3+ (`dlv3p`;
+    `sfa_dlv3p` = MiT with the SegFormer-adapter neck), DANet, ISANet, UperNet (512 or 256 channels)
+    (docs/architectures.md §2)."""
+    decoder_norm: bool = True
+    """BatchNorm in the decoder's conv modules; False is the original's `_nodbn` (no BN, a bias on each conv), which
+    the paper's DeepLabV3+/DANet/ISANet runs use (docs/architectures.md §0)."""
     num_classes: int = 19
     """Number of classes K: train ids 0..K-1 (255 = ignore) in labels, logits and metrics; must equal
     len(data.classes). 19 = the Cityscapes train ids (docs/recipe.md §0)."""
@@ -71,11 +84,12 @@ class ModelConfig:
     """Fused/embedding channels of the head; None = 256 for DAFormer heads (docs/recipe.md §1.2), SegFormer's own width
     (256 for B0/B1, 768 for B2-B5) otherwise."""
     drop_path_rate: float = 0.1
-    """Stochastic depth, linspace(0, rate) over all encoder blocks."""
+    """Stochastic depth, linspace(0, rate) over all MiT blocks; the CNN encoders have none (as the original)."""
     dropout: float = 0.1
     """Dropout2d before the classifier."""
     pretrained: str | None = "pretrained/mit_b5.pth"
-    """ImageNet encoder weights (SegFormer mit_b*.pth or HF nvidia/mit-b*); None trains from scratch."""
+    """ImageNet encoder weights (SegFormer mit_b*.pth, HF nvidia/mit-b*, or OpenMMLab's ResNet/ResNeSt/ResNeXt
+    files for the CNN encoders); None trains from scratch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +162,10 @@ class DataConfig:
     draw the same samples (`daformer_fast.data.loader`)."""
     rcs: RCSConfig = field(default_factory=RCSConfig)
     """Rare Class Sampling of the source images (docs/recipe.md §3)."""
+    photometric: bool = False
+    """mmseg's PhotoMetricDistortion (brightness, contrast, saturation, hue on the uint8 crop) on every training
+    image, as the original's source-only and target-only baselines load them; the UDA configs have it off and jitter
+    the mixed images instead (docs/architectures.md §3)."""
     strict: bool = False
     """Stop at the first unreadable sample instead of skipping it with a warning."""
     synthetic_root: str | None = None
@@ -283,9 +301,11 @@ class TrainConfig:
     work_dir: str = "work_dirs/gta2cs_daformer_mitb5"
     """Run folder: config.yaml, train.log, metrics.jsonl, tb/, class_mix_debug/, iter_*.pth, latest.pth; resuming
     looks for checkpoints here."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 = bfloat16 autocast around the step's forward passes and losses (and evaluation on CUDA). The recipe
-    trains in fp32; mixed precision is a recipe change (docs/recipe.md §1.2, §8b)."""
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """fp32 = true fp32: TF32 off for matmuls and cuDNN convolutions (torch enables TF32 convolutions by default on
+    Ampere and newer; the original ran fp32 on pre-Ampere GPUs). tf32 = fp32 storage with TF32 tensor-core matmuls
+    and convolutions on CUDA. bf16 = bfloat16 autocast around the step's forward passes and losses (and evaluation
+    on CUDA). The recipe trains in fp32; tf32 and bf16 are recipe changes (docs/recipe.md §1.2, §8b)."""
     compile: bool = False
     """Compile the student, the teacher and the ImageNet encoder in place (`nn.Module.compile`, in
     `daformer_fast.build.build_training`), on either path."""
