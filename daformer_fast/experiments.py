@@ -8,9 +8,9 @@ the original's rule (docs/recipe.md §6.2, docs/mic.md §9), so work dirs line u
 becomes a YAML file holding only the fields that differ from `daformer_fast.config` defaults (the defaults are the
 final GTA→CS DAFormer setting).
 
-Runs whose architecture, encoder or host method daformer_fast does not implement (CNN encoders, DeepLab/DANet/ISANet/
-UperNet decoders, HRDA, AdvSeg, MinEnt, ...) are listed as unavailable with the reason, never dropped, so a table's
-missing rows stay visible.
+Every architecture and encoder of sets 1–8, 100 and 101 is built (docs/architectures.md); runs of a host method
+daformer_fast does not implement (HRDA, AdvSeg, MinEnt in the MIC sets) are listed as unavailable with the reason,
+never dropped, so a table's missing rows stay visible.
 
     python -m daformer_fast.experiments --exp 6 --list
     python -m daformer_fast.experiments --exp 7 --set data.source.root=/data/synthia --run
@@ -39,38 +39,36 @@ EXPERIMENT_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 80, 81, 82, 83, 84, 85, 100, 101)
 
 GTA2CS = ("gta", "cityscapes")
 
-# Reference architecture names → our decoder, or None with the reason it is missing.
-_ARCHITECTURES: dict[str, tuple[str | None, str]] = {
-    "segformer": ("segformer", ""),
-    "daformer_conv1": ("daformer_conv1", ""),
-    "daformer_aspp": ("daformer_aspp", ""),
-    "daformer_sepaspp": ("daformer_sepaspp", ""),
-    "dlv2red": (None, "DeepLabV2 decoder (dilations 6, 12) not implemented"),
-    "da_nodbn": (None, "DANet decoder not implemented"),
-    "isa_nodbn": (None, "ISANet decoder not implemented"),
-    "dlv3p_nodbn": (None, "DeepLabV3+ decoder not implemented"),
-    "sfa_dlv3p_nodbn": (None, "SegFormerAdapter neck with DeepLabV3+ decoder not implemented"),
-    "upernet": (None, "UperNet decoder not implemented"),
-    "upernet_ch256": (None, "UperNet decoder (256 channels) not implemented"),
-    "daformer_isa": (None, "DAFormer head with ISA fusion not implemented"),
-    "daformer_sepaspp_bottleneck": (None, "DAFormer head with context only at F4 not implemented"),
+# Reference architecture names → (our decoder, BatchNorm in the decoder); `_nodbn` drops it (docs/architectures.md §0).
+_ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    "segformer": ("segformer", True),
+    "daformer_conv1": ("daformer_conv1", True),
+    "daformer_aspp": ("daformer_aspp", True),
+    "daformer_sepaspp": ("daformer_sepaspp", True),
+    "daformer_isa": ("daformer_isa", True),
+    "daformer_sepaspp_bottleneck": ("daformer_sepaspp_bottleneck", True),
+    "dlv2red": ("dlv2red", True),  # DeepLabV2 has no BN in its classifier either way
+    "da_nodbn": ("danet", False),
+    "isa_nodbn": ("isanet", False),
+    "dlv3p_nodbn": ("dlv3p", False),
+    "sfa_dlv3p_nodbn": ("sfa_dlv3p", False),
+    "upernet": ("upernet", True),
+    "upernet_ch256": ("upernet_ch256", True),
 }
 
-# Reference backbone names → our MiT size, or None with the reason it is missing.
-_CNN = "CNN encoders are not implemented (MiT only)"
-_BACKBONES: dict[str, tuple[str | None, str]] = {
-    "mitb3": ("mit_b3", ""),
-    "mitb4": ("mit_b4", ""),
-    "mitb5": ("mit_b5", ""),
-    # `-del` = MiT-B5 under a CNN model base; only used with the SegFormerAdapter, which is unavailable anyway.
-    "mitb5-del": ("mit_b5", ""),
-    "r50v1c": (None, f"ResNet-50 V1c: {_CNN}"),
-    "r101v1c": (None, f"ResNet-101 V1c: {_CNN}"),
-    "x50-32": (None, f"ResNeXt-50 32x4d: {_CNN}"),
-    "x101-32": (None, f"ResNeXt-101 32x4d: {_CNN}"),
-    "s50": (None, f"ResNeSt-50: {_CNN}"),
-    "s101": (None, f"ResNeSt-101: {_CNN}"),
-    "s200": (None, f"ResNeSt-200: {_CNN}"),
+# Reference backbone names → our encoder (docs/architectures.md §9).
+_BACKBONES: dict[str, str] = {
+    "mitb3": "mit_b3",
+    "mitb4": "mit_b4",
+    "mitb5": "mit_b5",
+    "mitb5-del": "mit_b5",  # "-del": MiT-B5 replacing (not merged into) a CNN model base's backbone dict
+    "r50v1c": "resnet50_v1c",
+    "r101v1c": "resnet101_v1c",
+    "x50-32": "resnext50_32x4d",
+    "x101-32": "resnext101_32x4d",
+    "s50": "resnest50",
+    "s101": "resnest101",
+    "s200": "resnest200",
 }
 
 # HRDA architectures are `hrda1-<hr crop>-<hr loss weight>_<architecture>`; the multi-resolution model is missing.
@@ -103,12 +101,6 @@ _PAIRS: dict[tuple[str, str], dict[str, DatasetConfig]] = {
         "val": DatasetConfig(name="darkzurich", root="data/dark_zurich", split="val", scale=(960, 540)),
     },
 }
-
-BASELINE_NOTE = (
-    "known deviation: the original's source-only/target-only loaders add PhotoMetricDistortion; "
-    "DataConfig has no photometric loader augmentation, so these baselines train without it"
-)
-
 
 @dataclass(frozen=True)
 class Run:
@@ -183,7 +175,8 @@ class Run:
             arch = arch.split("_", 1)[1]
         if self.uda in _UDA_REASONS:
             reasons.append(_UDA_REASONS[self.uda])
-        reasons += [r for table, key in ((_ARCHITECTURES, arch), (_BACKBONES, self.backbone)) if (r := table[key][1])]
+        reasons += [f"unknown architecture {arch!r}"] if arch not in _ARCHITECTURES else []
+        reasons += [f"unknown backbone {self.backbone!r}"] if self.backbone not in _BACKBONES else []
         return "; ".join(reasons) or None
 
     @property
@@ -323,7 +316,8 @@ def build_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     reason = run.unavailable_reason
     if reason:
         raise ConfigError(f"{run.name} is unavailable: {reason}")
-    backbone = _BACKBONES[run.backbone][0]
+    backbone = _BACKBONES[run.backbone]
+    decoder, decoder_norm = _ARCHITECTURES[run.architecture]
     if run.schedule == "poly10warm":
         schedule: dict[str, Any] = {}
     elif run.schedule == "poly10":
@@ -341,11 +335,13 @@ def build_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     uda = _uda_delta(run)
     data: dict[str, Any] = {k: dataclasses.asdict(v) for k, v in _PAIRS[(run.source, run.target)].items()}
     data["rcs"] = uda["rcs"]
+    # The baselines' loaders add PhotoMetricDistortion; the UDA configs comment it out (docs/architectures.md §3).
+    data["photometric"] = run.is_baseline
     # Reference runner (§6.2): checkpoint at the end, evaluate 10 times; the 2-iteration smoke sets use an
     # evaluation interval of 100 as the original does, so they never evaluate mid-run.
     eval_interval = run.iters // 10 if run.iters >= 10 else 100
     values = {
-        "model": {"backbone": backbone, "decoder": _ARCHITECTURES[run.architecture][0],
+        "model": {"backbone": backbone, "decoder": decoder, "decoder_norm": decoder_norm,
                   "pretrained": f"pretrained/{backbone}.pth"},
         "data": data,
         "uda": uda["uda"],
@@ -442,8 +438,6 @@ def _main(args: argparse.Namespace) -> int:
             print(f"available: {run.name}", file=info)
     for path in paths:
         print(f"wrote {path}", file=info)
-    if any(r.is_baseline and not r.unavailable_reason for r in runs):
-        print(f"note: {BASELINE_NOTE}", file=info)
     num_unavailable = sum(1 for r in runs if r.unavailable_reason)
     where = f" (written to {Path(args.out) / f'exp{args.exp}'})" if paths else ""
     print(f"exp {args.exp}: {len(runs)} runs, {len(runs) - num_unavailable} available{where}, "

@@ -15,24 +15,24 @@ from daformer_fast.experiments import EXPERIMENT_IDS, build_config, experiment_r
 
 FINAL_GTA = "gta2cs_dacs_a999_fdthings_rcs001_cpl_daformer_sepaspp_mitb5_poly10warm_s0"
 
-# (total, unavailable) per ID, counted by hand from the §6.3 table. Available = MiT-B3/4/5 encoders with the
-# SegFormer, daformer_conv1, daformer_aspp or daformer_sepaspp decoder.
+# (total, unavailable) per ID, counted by hand from the §6.3 table. Every architecture and encoder of sets 1-8, 100
+# and 101 exists; only the MIC sets' HRDA, AdvSeg, MinEnt and MIC-on-source-only rows are unavailable.
 EXPECTED_COUNTS = {
-    1: (5 * 3 * 3, 4 * 3 * 3),  # 5 architectures × {src-only, DACS, oracle} × 3 seeds; only SegFormer MiT-B5 exists
-    2: (2 * 2 * 3, 2 * 2 * 3),  # SegFormerAdapter+DLv3+ and R101+SegFormer: neither exists
-    3: (6 * 3, 4 * 3),  # DLv2-red with R50/S50/S101/S200 missing; SegFormer with MiT-B3/B4 available
-    4: (2 * 2, 1 * 2),  # DLv2-red R101 missing
-    5: (7 * 3, 1 * 3),  # six SegFormer rows available, the DLv2-red row missing
-    6: (7 * 2 * 3, 4 * 2 * 3),  # UperNet C=512, UperNet C=256, ISA fusion, context-only-at-F4 missing
+    1: (5 * 3 * 3, 0),  # 5 architectures × {src-only, DACS, oracle} × 3 seeds
+    2: (2 * 2 * 3, 0),  # SegFormerAdapter+DLv3+ and R101+SegFormer
+    3: (6 * 3, 0),  # DLv2-red with R50/S50/S101/S200, SegFormer with MiT-B3/B4
+    4: (2 * 2, 0),
+    5: (7 * 3, 0),
+    6: (7 * 2 * 3, 0),
     7: (3, 0),
     8: (2 * 3, 0),
     80: (4 * 3, 4 * 3),  # MIC(HRDA) on four benchmarks: HRDA missing
-    81: (6 * 3, 5 * 3),  # AdvSeg, MinEnt, DACS-DLv2, DAFormer-DLv2, HRDA-DLv2 missing; DAFormer MiT-B5 available
+    81: (6 * 3, 3 * 3),  # AdvSeg, MinEnt, HRDA-DLv2 missing; DACS-DLv2, DAFormer-DLv2, DAFormer MiT-B5 available
     82: (4 * 3, 4 * 3),  # HRDA domain study
     83: (4 * 3, 0),
     84: (15 * 3, 0),  # 4 block sizes × 4 ratios, less the (32, 0.7) cell of exp 81
     85: (3, 3),  # MIC on the source-only baseline
-    100: (22, 16),  # available: SegFormer B3/B4/B5, daformer_conv1/aspp/sepaspp
+    100: (22, 0),
     101: (9, 0),
 }
 
@@ -109,16 +109,37 @@ def test_poly10_schedule_has_no_warmup_and_min_lr_1e4():
     assert (cfg.schedule.warmup, cfg.schedule.min_lr) == ("none", 1e-4)
 
 
-def test_list_reports_unavailable(capsys, tmp_path):
-    assert main(["--exp", "6", "--list", "--out", str(tmp_path)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    out = "\n".join(lines)
-    assert sum(x.startswith("unavailable: ") for x in lines) == 24
-    assert sum(x.startswith("available: ") for x in lines) == 18
-    assert "unavailable: gta2cs_target-only_upernet_ch256_mitb5_poly10warm_s2 (UperNet" in out
-    assert "exp 6: 42 runs, 18 available, 24 unavailable" in out
-    assert "PhotoMetricDistortion" in out  # the oracle rows' known deviation
-    assert not any(tmp_path.iterdir())  # --list writes nothing
+@pytest.mark.parametrize("exp", (1, 2, 3, 4, 5, 6, 7, 8, 100, 101))
+def test_paper_sets_have_no_unavailable_run(exp, capsys):
+    assert main(["--exp", str(exp), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "unavailable: " not in out and f"available, 0 unavailable" in out
+
+
+def test_architecture_fragments_map_to_models():
+    """The name fragments of docs/architectures.md §9: decoder, decoder BN (`_nodbn`), encoder, loader augmentation."""
+    runs = {(r.architecture, r.backbone, r.uda): r for e in (1, 2, 3, 6, 100) for r in experiment_runs(e)}
+    expect = {
+        ("dlv2red", "r101v1c"): ("dlv2red", True, "resnet101_v1c"),
+        ("da_nodbn", "r101v1c"): ("danet", False, "resnet101_v1c"),
+        ("isa_nodbn", "r101v1c"): ("isanet", False, "resnet101_v1c"),
+        ("dlv3p_nodbn", "r101v1c"): ("dlv3p", False, "resnet101_v1c"),
+        ("sfa_dlv3p_nodbn", "mitb5-del"): ("sfa_dlv3p", False, "mit_b5"),
+        ("segformer", "r101v1c"): ("segformer", True, "resnet101_v1c"),
+        ("dlv2red", "s200"): ("dlv2red", True, "resnest200"),
+        ("dlv2red", "x101-32"): ("dlv2red", True, "resnext101_32x4d"),
+        ("upernet_ch256", "mitb5"): ("upernet_ch256", True, "mit_b5"),
+        ("daformer_isa", "mitb5"): ("daformer_isa", True, "mit_b5"),
+    }
+    for (arch, bb), (decoder, norm, backbone) in expect.items():
+        run = runs[(arch, bb, "target-only")]
+        cfg = build_config(run)
+        assert (cfg.model.decoder, cfg.model.decoder_norm, cfg.model.backbone) == (decoder, norm, backbone)
+        assert cfg.model.pretrained == f"pretrained/{backbone}.pth"
+        assert cfg.data.photometric  # the oracle's loader adds PhotoMetricDistortion
+    uda_run = runs[("dlv2red", "r101v1c", "dacs")]
+    assert not build_config(uda_run).data.photometric  # the UDA configs comment it out
+    assert build_config(runs[("dlv2red", "r101v1c", "source-only")]).data.photometric
 
 
 def test_unknown_id_lists_valid_ones(capsys):
@@ -158,11 +179,9 @@ def test_run_calls_train_main_per_config(monkeypatch, tmp_path):
 
 
 def test_unavailable_run_cannot_be_built():
-    run = next(r for r in experiment_runs(1) if r.architecture == "dlv2red")
-    with pytest.raises(ConfigError, match="DeepLabV2"):
+    run = experiment_runs(81)[0]
+    with pytest.raises(ConfigError, match="AdvSeg host"):
         build_config(run)
-    assert "ResNet-101" in run.unavailable_reason
-    assert experiments.BASELINE_NOTE.startswith("known deviation")
 
 
 # MIC sets (docs/mic.md §9), written out from the original's run lists; seeds 0, 1, 2 follow each row.
@@ -214,21 +233,24 @@ def test_mic_hrda_and_supervised_sets_are_named_and_unavailable():
 def test_exp81_unavailable_rows_carry_their_reasons():
     runs = experiment_runs(81)
     reasons = [r.unavailable_reason for r in runs]
-    assert all(reasons[:15]) and not any(reasons[15:])
+    assert all(reasons[:6]) and not any(reasons[6:12]) and all(reasons[12:15]) and not any(reasons[15:])
     assert all(x.startswith("AdvSeg host") for x in reasons[0:3])
     assert all(x.startswith("MinEnt host") for x in reasons[3:6])
-    assert all(x.startswith("HRDA") for x in reasons[12:15])
-    for run in runs[:15]:  # every DeepLabV2-R101 row keeps the existing architecture and encoder reasons
-        assert "DeepLabV2 decoder" in run.unavailable_reason and "ResNet-101 V1c" in run.unavailable_reason
+    assert all(x == "HRDA (multi-resolution training) not implemented" for x in reasons[12:15])
+    for run in runs[:6] + runs[12:15]:
         with pytest.raises(ConfigError, match="is unavailable"):
             build_config(run)
+    for run in runs[6:12]:  # DACS and DAFormer (+MIC) with DeepLabV2 on ResNet-101
+        cfg = build_config(run)
+        assert (cfg.model.decoder, cfg.model.backbone, cfg.uda.mic.mode) == ("dlv2red", "resnet101_v1c",
+                                                                               "separatetrgaug")
 
 
 def test_mic_configs_extend_the_daformer_run():
     final = build_config(next(r for r in experiment_runs(6) if r.name == FINAL_GTA))
     for exp in (81, 83, 84):
         for run in experiment_runs(exp):
-            if run.unavailable_reason:
+            if run.unavailable_reason or run.architecture != "daformer_sepaspp":  # exp 81's DeepLabV2 rows: other nets
                 continue
             cfg = build_config(run)
             mic = cfg.uda.mic
@@ -269,17 +291,22 @@ def test_mic_yaml_round_trips(tmp_path):
     a0 = load_config(by_stem[f"{_DAF}m32-07-a0-spta{_TAIL}_s0"])
     assert a0.uda.mic.alpha == 0.0 and isinstance(a0.uda.mic.alpha, float)
     written81, _ = write_experiment(81, tmp_path)
-    assert [p.stem for p in written81] == _with_seeds(EXP81_ROWS[-1:])
-    assert all(load_config(p) == build_config(r) for p, r in zip(written81, experiment_runs(81)[15:]))
+    available81 = [r for r in experiment_runs(81) if not r.unavailable_reason]
+    assert [p.stem for p in written81] == _with_seeds(EXP81_ROWS[2:4] + EXP81_ROWS[-1:])
+    assert [p.stem for p in written81] == [r.name for r in available81]
+    assert all(load_config(p) == build_config(r) for p, r in zip(written81, available81, strict=True))
 
 
 def test_list_shows_mic_sets(capsys, tmp_path):
     assert main(["--exp", "81", "--list", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert f"available: {EXP81_ROWS[-1]}_s0" in out
+    lines = capsys.readouterr().out.splitlines()
+    out = "\n".join(lines)
+    assert sum(x.startswith("unavailable: ") for x in lines) == 9
+    assert sum(x.startswith("available: ") for x in lines) == 9
+    assert f"available: {EXP81_ROWS[-1]}_s0" in out and f"available: {EXP81_ROWS[2]}_s1" in out
     assert f"unavailable: {EXP81_ROWS[0]}_s2 (AdvSeg host" in out
-    assert "exp 81: 18 runs, 3 available, 15 unavailable" in out
-    assert not any(tmp_path.iterdir())
+    assert "exp 81: 18 runs, 9 available, 9 unavailable" in out
+    assert not any(tmp_path.iterdir())  # --list writes nothing
 
 
 def test_run_settings_config_cannot_express_are_refused():
