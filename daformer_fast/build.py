@@ -34,7 +34,17 @@ from daformer_fast.models import Segmentor, build_segmentor
 from daformer_fast.ops.dispatch import set_default_impl, triton_available
 from daformer_fast.step import UDAStep, build_optimizer, frozen_copy
 
-__all__ = ["build_training"]
+__all__ = ["build_training", "set_fp32_precision"]
+
+
+def set_fp32_precision(precision: str) -> None:
+    """What an fp32 matmul or cuDNN convolution computes, process-wide: IEEE fp32 for `train.precision: fp32` (torch
+    runs cuDNN convolutions in TF32 by default on Ampere and newer, so without this the paper's fp32 recipe would
+    silently convolve in TF32 on an H100), TF32 tensor cores for `tf32` and for the fp32 ops left outside `bf16`
+    autocast. A no-op for CPU kernels, which have no TF32."""
+    mode = "ieee" if precision == "fp32" else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
 
 
 def build_training(
@@ -56,6 +66,7 @@ def build_training(
     """
     device = torch.device(device)
     set_default_impl(cfg.kernels.impl)
+    set_fp32_precision(cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     student = build_segmentor(cfg.model)  # 1
     if initial_state is not None:  # 2
@@ -65,7 +76,8 @@ def build_training(
     student.to(device)  # 3
     dacs = cfg.uda.mode == "dacs"
     teacher = frozen_copy(student) if dacs else None  # 4
-    imnet = frozen_copy(student.backbone).eval() if dacs and cfg.uda.fd_lambda > 0 else None
+    # The ImageNet model computes what the student's features are (encoder, then the neck if any), in eval mode.
+    imnet = frozen_copy(student.encoder()).eval() if dacs and cfg.uda.fd_lambda > 0 else None
     mic_teacher = frozen_copy(student) if dacs and cfg.uda.mic.separate_teacher else None
     optimizer = build_optimizer(cfg.optim, student, fused=cfg.train.path == "fast")  # 5
     if cfg.train.compile:  # 6

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from daformer_fast.config import OptimConfig, ScheduleConfig, TrainConfig, UDAConfig
 from daformer_fast.data.pipeline import _norm_stats, normalize
-from daformer_fast.models.mit import DropPath, MixVisionTransformer
+from daformer_fast.models.mit import DropPath
 from daformer_fast.models.segmentor import Segmentor, param_groups
 from daformer_fast.ops.classmix_aug import gaussian_blur, mix, mix_and_jitter
 from daformer_fast.ops.dispatch import Impl, using_impl
@@ -86,7 +86,7 @@ class UDAStep:
         self,
         student: Segmentor,
         teacher: Segmentor | None,
-        imnet: MixVisionTransformer | None,
+        imnet: nn.Module | None,
         optimizer: torch.optim.Optimizer,
         *,
         uda: UDAConfig,

@@ -1,7 +1,7 @@
 """The whole UDA step: fast path against the original-order path, the NaN guard, baselines and reproducibility.
 
-Runs on CUDA when a GPU is present (`DAFORMER_TEST_DEVICE=cpu|cuda` overrides), with TF32 off so that the 1e-5
-parity tolerances mean the same as on CPU.
+Runs on CUDA when a GPU is present (`DAFORMER_TEST_DEVICE=cpu|cuda` overrides); `train.precision: fp32` turns TF32
+off (`build.set_fp32_precision`), so the 1e-5 parity tolerances mean the same as on CPU.
 """
 
 import os
@@ -16,13 +16,6 @@ from daformer_fast.step import step_seed
 
 B, H, W = 2, 64, 64
 DEVICE = torch.device(os.environ.get("DAFORMER_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    if DEVICE.type == "cuda":
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def _cfg(path="fast", mode="dacs", kernels="auto", **train):

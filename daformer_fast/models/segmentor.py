@@ -1,10 +1,10 @@
 """Encoder-decoder segmentor, its builder from `ModelConfig`, and the optimizer parameter groups.
 
-    model = build_segmentor(cfg.model)          # .backbone (MiT), .decode_head
-    logits_BKhw = model(x_B3HW)                 # stride 4
+    model = build_segmentor(cfg.model)          # .backbone (MiT or CNN), .neck (or None), .decode_head
+    logits_BKhw = model(x_B3HW)                 # the head's stride (4, or 8 for the CNN-era heads)
     probs = model.predict(x_B3HW, out_size)     # two-step bilinear upsample for evaluation
 
-Legend: B batch, K classes, H/W input size, h/w stride-4 size.
+Legend: B batch, K classes, H/W input size, h/w the head's output size.
 """
 
 from __future__ import annotations
@@ -15,22 +15,37 @@ import torch.nn.functional as F
 
 from daformer_fast.config import ModelConfig, OptimConfig
 from daformer_fast.models.heads import DAFormerHead, SegFormerHead
-from daformer_fast.models.mit import MixVisionTransformer, mit
+from daformer_fast.models.mit import mit
 
 __all__ = ["Segmentor", "build_segmentor", "from_daformer", "from_daformer_fast", "param_groups"]
 
 
 class Segmentor(nn.Module):
-    def __init__(self, backbone: MixVisionTransformer, decode_head: nn.Module, num_classes: int) -> None:
+    """The original's EncoderDecoder: encoder → neck (if any) → decode head (docs/architectures.md §0)."""
+
+    def __init__(self, backbone: nn.Module, decode_head: nn.Module, num_classes: int, neck: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
+        self.neck = neck  # parameter-free (the SegFormer adapter): adds no state-dict keys
         self.decode_head = decode_head
         self.num_classes = num_classes
 
-    def forward(self, x_B3HW: torch.Tensor, with_features: bool = False):
-        """Logits at stride 4; with `with_features`, also the four encoder maps (the feature distance reuses the
-        last one). A flag rather than a second method, so DDP and torch.compile wrappers reach both."""
+    def features(self, x_B3HW: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder maps after the neck (the original's `extract_feat`): what the head and the feature distance
+        see."""
         feats = self.backbone(x_B3HW)
+        return self.neck(feats) if self.neck is not None else feats
+
+    def encoder(self) -> nn.Module:
+        """A module computing `features` (backbone, then the neck): what the ImageNet feature model copies."""
+        return nn.Sequential(self.backbone, self.neck) if self.neck is not None else self.backbone
+
+    def forward(self, x_B3HW: torch.Tensor, with_features: bool = False):
+        """Logits at the head's stride; with `with_features`, also the encoder maps after the neck (the feature
+        distance reuses the last one). A flag rather than a second method, so DDP and torch.compile wrappers reach
+        both. Heads with auxiliary outputs (DANet) return a tuple (main, aux, ...) while training with autograd on;
+        the losses sum over it (`uda.losses.seg_ce_loss`)."""
+        feats = self.features(x_B3HW)
         logits = self.decode_head(feats)
         return (logits, feats) if with_features else logits
 
@@ -45,20 +60,50 @@ class Segmentor(nn.Module):
 
 
 def build_segmentor(cfg: ModelConfig) -> Segmentor:
-    """MiT encoder + the configured decoder, randomly initialised (pretrained weights: `checkpoint.load_weights`)."""
-    backbone = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
-    dims = backbone.out_channels
+    """The configured encoder, neck and decoder, randomly initialised (pretrained weights: `checkpoint.load_weights`).
+    Widths and wiring per docs/architectures.md §2 and §9."""
+    mit_backbone = cfg.backbone.startswith("mit_")
+    if mit_backbone:
+        backbone: nn.Module = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
+    else:
+        from daformer_fast.models.resnet import cnn_encoder  # TEMP-LOCAL
+
+        backbone = cnn_encoder(cfg.backbone)
+    dims, k, norm, drop = tuple(backbone.out_channels), cfg.num_classes, cfg.decoder_norm, cfg.dropout
+    neck = None
+    if cfg.decoder.startswith(("dl", "sfa", "da", "isa", "upernet")) and cfg.decoder not in ("daformer_sepaspp", "daformer_aspp", "daformer_conv1"):
+        from daformer_fast.models.attention_heads import DAHead, ISAHead  # TEMP-LOCAL
+        from daformer_fast.models.deeplab import DepthwiseSeparableASPPHead, DLV2Head, SegFormerAdapter
+        from daformer_fast.models.upernet import UPerHead
     match cfg.decoder:
-        case "daformer_sepaspp" | "daformer_aspp" | "daformer_conv1":
+        case "daformer_sepaspp" | "daformer_aspp" | "daformer_conv1" | "daformer_isa" | "daformer_sepaspp_bottleneck":
             fusion = cfg.decoder.removeprefix("daformer_")
-            head: nn.Module = DAFormerHead(dims, cfg.num_classes, cfg.head_channels or 256, fusion, cfg.dropout)
+            if fusion == "sepaspp_bottleneck":  # context only at F4: F4 is upsampled ×8 to stride 4 first
+                neck = SegFormerAdapter(scales=(8,))
+            head: nn.Module = DAFormerHead(dims, k, cfg.head_channels or 256, fusion, drop)
         case "segformer":
-            # SegFormer's own decoder width: 256 for B0/B1, 768 for B2..B5.
+            # SegFormer's own decoder width: 256 for B0/B1, 768 for B2..B5 (and the original's ResNet-101 variant).
             default = 256 if cfg.backbone in ("mit_b0", "mit_b1") else 768
-            head = SegFormerHead(dims, cfg.num_classes, cfg.head_channels or default, cfg.dropout)
+            head = SegFormerHead(dims, k, cfg.head_channels or default, drop)
+        case "dlv2red" | "dlv2":
+            head = DLV2Head(dims, k, dilations=(6, 12) if cfg.decoder == "dlv2red" else (6, 12, 18, 24))
+        case "dlv3p" | "sfa_dlv3p":
+            if cfg.decoder == "sfa_dlv3p":  # F4 upsampled ×4 to stride 8 feeds the ASPP (MiT only)
+                neck = SegFormerAdapter(scales=(4,))
+            head = DepthwiseSeparableASPPHead(dims, k, norm=norm, channels=cfg.head_channels or 512, dropout=drop)
+        case "danet":
+            head = DAHead(dims, k, norm=norm, channels=cfg.head_channels or 512, dropout=drop)
+        case "isanet":
+            head = ISAHead(dims, k, norm=norm, channels=cfg.head_channels or 512, dropout=drop)
+        case "upernet" | "upernet_ch256":
+            width = cfg.head_channels or (512 if cfg.decoder == "upernet" else 256)
+            head = UPerHead(dims, k, channels=width, norm=norm, dropout=drop)
         case _:
             raise ValueError(f"unknown decoder {cfg.decoder!r}")
-    return Segmentor(backbone, head, cfg.num_classes)
+    if neck is not None and not mit_backbone:
+        raise ValueError(f"model.decoder={cfg.decoder} puts the SegFormer adapter on a MiT encoder; "
+                         f"model.backbone={cfg.backbone} is not one")  # fmt: skip
+    return Segmentor(backbone, head, cfg.num_classes, neck)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ __all__ = ["acc_seg", "seg_ce_loss", "upsample_logits"]
 
 
 def seg_ce_loss(
-    logits_BKhw: torch.Tensor,
+    logits_BKhw: torch.Tensor | tuple[torch.Tensor, ...],
     labels_BHW: torch.Tensor,
     weight_BHW: torch.Tensor | None = None,
     ignore_index: int = 255,
@@ -32,7 +32,9 @@ def seg_ce_loss(
     """Pixel-weighted cross-entropy averaged over every label pixel (ignored pixels count in the denominator).
 
     Args:
-        logits_BKhw: raw class scores at any resolution; upsampled to the label size first.
+        logits_BKhw: raw class scores at any resolution; upsampled to the label size first. A tuple (a head with
+            auxiliary outputs while training, DANet) gives the sum of each output's loss with the same labels and
+            weights, each of weight 1, as the original sums its decode-head losses (docs/architectures.md §2.3).
         labels_BHW: int64 class ids, `ignore_index` for unlabelled pixels.
         weight_BHW: optional per-pixel weights (ClassMix: 1 on pasted source pixels, the pseudo-label
             confidence q elsewhere, 0 in the pseudo-label crop rows).
@@ -43,6 +45,9 @@ def seg_ce_loss(
     Returns:
         A 0-dim loss tensor.
     """
+    if isinstance(logits_BKhw, tuple):
+        losses = [seg_ce(x, labels_BHW, weight_BHW, ignore_index, impl=impl) for x in logits_BKhw]
+        return torch.stack(losses).sum()
     return seg_ce(logits_BKhw, labels_BHW, weight_BHW, ignore_index, impl=impl)
 
 
