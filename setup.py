@@ -17,7 +17,8 @@ setup(
     # Ranges, not pins: here torch resolves to 2.14.1 (CUDA build, brings triton 3.8); a GPU image with torch 2.11 /
     # triton 3.6 satisfies them without installing anything. The floors are the oldest versions the whole test suite
     # has passed with (torch 2.11, Python 3.12). Every entry is imported by the package: safetensors reads HF
-    # `nvidia/mit-b*` weights, tensorboard is torch.utils.tensorboard's backend.
+    # `nvidia/mit-b*` weights, tensorboard is torch.utils.tensorboard's backend, timm provides the baselines' CNN
+    # encoders (ResNetV1c, ResNeSt, ResNeXt; models/resnet.py).
     install_requires=[
         "torch>=2.11",
         "numpy>=1.24",
@@ -27,6 +28,7 @@ setup(
         "opencv-python-headless>=4.8",
         "tqdm>=4.60",
         "tensorboard>=2.14",
+        "timm>=1.0",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.3"],
