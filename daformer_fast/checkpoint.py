@@ -1,11 +1,15 @@
 """Reading weights into our models, and writing our own training checkpoints.
 
-`load_weights(model, path)` detects the file layout and maps it onto a `MixVisionTransformer` or a `Segmentor`:
+`load_weights(model, path)` detects the file layout and maps it onto an encoder (`MixVisionTransformer`,
+`CNNEncoder`) or a `Segmentor`:
 
 - "segformer-mit": SegFormer's ImageNet `mit_b*.pth`, a flat encoder dict (+ ImageNet `head.*`, ignored), possibly
   wrapped under `state_dict` / `model` (the order the original's `init_weights` looks them up in);
 - "daformer": official DAFormer checkpoints (`state_dict` with `model.` student, `ema_model.` teacher and
   `imnet_model.` keys, or a published file with `model.*` only; a leading `module.` is dropped);
+- "mmcv-resnet": OpenMMLab's ImageNet ResNetV1c / ResNeSt / ResNeXt files (`open-mmlab://resnet101_v1c`, ...), a
+  flat encoder dict in mmseg naming (+ ImageNet `fc.*`, ignored), possibly under `state_dict`; a bare state dict of
+  our `CNNEncoder` (timm's names) has the same layout and loads the same way;
 - "hf-mit": HF transformers `nvidia/mit-b*` weights (`segformer.encoder.*`, `.bin`/`.pth`/`.safetensors`); the
   separate key/value projections are concatenated into our `attn.kv` = [key; value];
 - "daformer_fast": what `save_checkpoint` writes (`student` / `teacher` segmentor state dicts, optimizer, ...).
@@ -14,8 +18,9 @@ Files are always read with `weights_only=True` first: a checkpoint is untrusted 
 Only `trust=True` (CLI `--trust-checkpoint`) falls back to full unpickling. Everything is mapped to segmentor keys
 (`backbone.*`, `decode_head.*`) before being compared with the target, so there is one comparison path for all formats.
 The key mapping of each format lives beside the model it maps to: `models.mit.from_segformer_mit` / `from_hf_mit`
-for the encoder formats, `models.segmentor.from_daformer` / `from_daformer_fast` for the segmentor formats; this
-module reads, detects, validates and compares.
+and `models.resnet.from_mmseg_resnet` for the encoder formats, `models.segmentor.from_daformer` /
+`from_daformer_fast` for the segmentor formats; this module reads, detects, validates and compares. A file whose
+encoder family differs from the model's (MiT weights for a ResNet, or the reverse) fails with one short line.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from safetensors.torch import load_file
 
 from daformer_fast.config import config_to_dict
 from daformer_fast.models.mit import MIT_SIZES, MixVisionTransformer, from_hf_mit, from_segformer_mit
+from daformer_fast.models.resnet import CNNEncoder, from_mmseg_resnet, guess_cnn
 from daformer_fast.models.segmentor import from_daformer, from_daformer_fast
 
 __all__ = ["CheckpointError", "LoadReport", "detect_format", "load_weights", "read_checkpoint", "save_checkpoint"]
@@ -130,7 +136,7 @@ def _unwrap(obj: dict) -> dict:
 
 
 def detect_format(state: dict) -> str:
-    """One of "daformer_fast", "hf-mit", "daformer", "segformer-mit" for a file's top-level dict."""
+    """One of "daformer_fast", "hf-mit", "daformer", "segformer-mit", "mmcv-resnet" for a file's top-level dict."""
     if state.get("format") == FORMAT:
         return FORMAT
     keys = list(_unwrap(state))
@@ -140,6 +146,8 @@ def detect_format(state: dict) -> str:
         return "daformer"
     if any(k.startswith(("patch_embed1.", "block1.")) for k in keys):
         return "segformer-mit"
+    if any(k.startswith(("stem.", "layer1.")) for k in keys):
+        return "mmcv-resnet"
     raise CheckpointError(f"unrecognised checkpoint layout; first keys: {', '.join(map(str, keys[:5])) or 'none'}")
 
 
@@ -156,7 +164,8 @@ def _convert(obj: dict, key: str) -> tuple[str, dict[str, torch.Tensor], list[st
         raise CheckpointError(str(e)) from None
     if part == "teacher":
         raise CheckpointError(f"key='teacher' but the checkpoint ({fmt}) holds ImageNet encoder weights only")
-    enc, ignored = (from_hf_mit if fmt == "hf-mit" else from_segformer_mit)(_unwrap(obj))
+    mapping = {"hf-mit": from_hf_mit, "segformer-mit": from_segformer_mit, "mmcv-resnet": from_mmseg_resnet}[fmt]
+    enc, ignored = mapping(_unwrap(obj))
     return fmt, {"backbone." + k: v for k, v in enc.items()}, ignored
 
 
@@ -178,9 +187,24 @@ def _guess_mit(state: dict) -> str | None:
     return next((f"mit_{n}" for n in sizes), None)
 
 
-def _spec(model: nn.Module) -> Any:
-    enc = model if isinstance(model, MixVisionTransformer) else getattr(model, "backbone", None)
-    return getattr(enc, "spec", None)
+_ENCODERS = (MixVisionTransformer, CNNEncoder)
+
+
+def _encoder_name(enc: nn.Module) -> str | None:
+    """"mit_b5", "resnet101_v1c", ...: an encoder as the hints and errors name it."""
+    if isinstance(enc, CNNEncoder):
+        return enc.name
+    return next((f"mit_{n}" for n, s in MIT_SIZES.items() if s == getattr(enc, "spec", None)), None)
+
+
+def _file_encoder(state: dict) -> tuple[str | None, str | None]:
+    """(family "MiT" / "CNN" or None, the size it looks like or None) of a segmentor-keyed state's `backbone.*`."""
+    enc = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    if any(k.startswith(("patch_embed1.", "block1.")) for k in enc):
+        return "MiT", _guess_mit(state)
+    if any(k.startswith("layer1.") for k in enc):
+        return "CNN", guess_cnn(enc)
+    return None, None
 
 
 def _group(keys: list[str]) -> str:
@@ -196,11 +220,12 @@ def load_weights(
     key: str = "auto",
     log: Callable[[str], Any] = print,
 ) -> LoadReport:
-    """Load a checkpoint of any supported format into a MiT encoder or a Segmentor (in place).
+    """Load a checkpoint of any supported format into an encoder (MiT or CNN) or a Segmentor (in place).
 
     key: "auto"/"student" = the student of training checkpoints, "teacher" = the EMA teacher.
     strict: any missing / unexpected / shape-mismatched tensor raises CheckpointError; otherwise the matching
-    tensors are loaded, the rest left at init, and a warning lists them.
+    tensors are loaded, the rest left at init, and a warning lists them. A file whose encoder is of the other
+    family (MiT weights for a CNN encoder, or the reverse) always raises: no encoder tensor could match.
     """
     if key not in ("auto", "student", "teacher"):
         raise ValueError(f"key must be 'auto', 'student' or 'teacher', got {key!r}")
@@ -209,14 +234,22 @@ def load_weights(
     ignored += [k for k, v in state.items() if not isinstance(v, torch.Tensor)]  # e.g. stray metadata entries
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     encoder_only = not any(k.startswith("decode_head.") for k in state)
-    if isinstance(model, MixVisionTransformer):
+    if isinstance(model, _ENCODERS):
         prefix = "backbone."
         ignored += [k for k in state if k.startswith("decode_head.")]  # a full checkpoint feeding an encoder only
         state = {k: v for k, v in state.items() if not k.startswith("decode_head.")}
-    elif isinstance(getattr(model, "backbone", None), MixVisionTransformer) and hasattr(model, "decode_head"):
+    elif isinstance(getattr(model, "backbone", None), _ENCODERS) and hasattr(model, "decode_head"):
         prefix = ""
     else:
-        raise TypeError(f"load_weights expects a MixVisionTransformer or a Segmentor, got {type(model).__name__}")
+        raise TypeError(f"load_weights expects an encoder (MiT, CNN) or a Segmentor, got {type(model).__name__}")
+    encoder = model if prefix else model.backbone
+    have = _encoder_name(encoder)
+    family, guess = _file_encoder(state)
+    if family is not None and family != ("CNN" if isinstance(encoder, CNNEncoder) else "MiT"):
+        what = f"a {family} encoder" + (f" ({guess})" if guess else "")
+        raise CheckpointError(
+            f"checkpoint {path} ({fmt}) does not fit the model: the file holds {what}, the model has {have}"
+        )
     own = {prefix + k: v for k, v in model.state_dict().items()}
     # Encoder weights into a segmentor: the head is legitimately not in the file.
     expected = [k for k in own if not (encoder_only and k.startswith("decode_head."))]
@@ -236,7 +269,6 @@ def load_weights(
         + (_listing("shape mismatch", report.mismatched) if mismatched else "")
     )
     if problems:
-        guess, have = _guess_mit(state), next((f"mit_{n}" for n, s in MIT_SIZES.items() if s == _spec(model)), None)
         if guess and have and guess != have:
             problems = f"\n  hint: the file holds a {guess} encoder, the model is {have}" + problems
         if strict:
