@@ -7,8 +7,15 @@ Layouts (docs/recipe.md §1.7; `root` = `DatasetConfig.root`, `split` = `Dataset
     cityscapes  leftImg8bit/<split>/**/*_leftImg8bit.png gtFine/<split>/**/<stem>_gtFine_labelTrainIds.png
     acdc        rgb_anon/<split>/**/*_rgb_anon.png       gt/<split>/**/<stem>_gt_labelTrainIds.png
     darkzurich  rgb_anon/<split>/**/*_rgb_anon.png       gt/<split>/**/<stem>_gt_labelTrainIds.png
+    bdd100k     images/10k/<split>/**/*.jpg              labels/sem_seg/masks/<split>/**/<stem>.png
+    mapillary   <split>/images/**/*.jpg                  <split>/labels/**/<stem>_labelTrainIds.png
+                (split `train`/`val`/`test` is Vistas' `training`/`validation`/`testing` folder when
+                <split> itself does not exist; labels written by `tools.convert_datasets mapillary`)
     folder      images/<split>/**/*.{png,jpg,jpeg}       labels/<split>/**/<stem>.png
                 (images/ and labels/ directly when images/<split> does not exist)
+
+BDD100K's semantic-segmentation masks already hold the 19 train ids (255 = ignore); Mapillary Vistas v1.2's class
+ids are mapped to them by the converter (docs/architectures.md §4).
 
 `<stem>` is the image file name without the image suffix; the label sits in the same relative sub-folder.
 Hidden files and `*.tmp.png` leftovers of an interrupted conversion are never samples.
@@ -37,7 +44,9 @@ from PIL import Image
 from daformer_fast.config import DatasetConfig
 
 __all__ = [
+    "LAYOUT_NAMES",
     "NPY_SUFFIX",
+    "VISTAS_SPLITS",
     "DatasetError",
     "NpyHeader",
     "Sample",
@@ -80,8 +89,16 @@ _LAYOUTS: dict[str, _Layout] = {
     "cityscapes": _Layout("leftImg8bit/{split}", "gtFine/{split}", ("_leftImg8bit.png",), "_gtFine_labelTrainIds.png"),
     "acdc": _Layout("rgb_anon/{split}", "gt/{split}", ("_rgb_anon.png",), "_gt_labelTrainIds.png"),
     "darkzurich": _Layout("rgb_anon/{split}", "gt/{split}", ("_rgb_anon.png",), "_gt_labelTrainIds.png"),
+    "bdd100k": _Layout("images/10k/{split}", "labels/sem_seg/masks/{split}", (".jpg",), ".png"),
+    "mapillary": _Layout("{split}/images", "{split}/labels", (".jpg",), "_labelTrainIds.png"),
     "folder": _Layout("images/{split}", "labels/{split}", (".png", ".jpg", ".jpeg"), ".png"),
 }
+
+LAYOUT_NAMES = tuple(_LAYOUTS)
+"""The layout names `list_samples` knows (`DatasetConfig.name`)."""
+
+VISTAS_SPLITS = {"train": "training", "val": "validation", "test": "testing"}
+"""The split names of the other layouts → Mapillary Vistas' own split folders (docs/architectures.md §4)."""
 
 
 def _resolve_dirs(ds: DatasetConfig) -> tuple[Path, Path, tuple[str, ...], str]:
@@ -91,8 +108,11 @@ def _resolve_dirs(ds: DatasetConfig) -> tuple[Path, Path, tuple[str, ...], str]:
     except KeyError:
         raise DatasetError(f"unknown dataset layout {ds.name!r}; expected one of {', '.join(_LAYOUTS)}") from None
     root = Path(ds.root)
-    img_dir = root / layout.img_dir.format(split=ds.split)
-    label_dir = root / layout.label_dir.format(split=ds.split)
+    split = ds.split
+    if ds.name == "mapillary" and not (root / split).is_dir():
+        split = VISTAS_SPLITS.get(split, split)  # `val` finds Vistas' `validation` folder, as for the other layouts
+    img_dir = root / layout.img_dir.format(split=split)
+    label_dir = root / layout.label_dir.format(split=split)
     if ds.name == "folder" and not img_dir.is_dir():
         # Custom datasets without split sub-folders keep everything directly under images/ and labels/.
         img_dir, label_dir = root / "images", root / "labels"
