@@ -3,6 +3,7 @@
     python -m daformer_fast.tools.convert_datasets gta ROOT [--nproc N]
     python -m daformer_fast.tools.convert_datasets synthia ROOT [--nproc N]
     python -m daformer_fast.tools.convert_datasets cityscapes ROOT [--nproc N]
+    python -m daformer_fast.tools.convert_datasets mapillary ROOT [--nproc N]
     python -m daformer_fast.tools.convert_datasets folder ROOT --num-classes K [--split train] [--label-suffix .png]
 
 gta:        labels/*.png are palette PNGs whose *indices* are Cityscapes label ids (never read the colours);
@@ -11,6 +12,11 @@ synthia:    GT/LABELS/*.png are 16-bit multi-channel PNGs; the class id is the f
             writes GT/LABELS/<stem>_labelTrainIds.png.
 cityscapes: gtFine/<split>/<city>/*_gtFine_labelIds.png → *_gtFine_labelTrainIds.png (all splits); statistics
             from the train split only.
+mapillary:  Mapillary Vistas v1.2 (66 classes): <split>/labels/*.png (or the v2.0 package's <split>/v1.2/labels/)
+            are palette PNGs whose indices are Vistas class ids; writes <split>/labels/<stem>_labelTrainIds.png
+            with the 19 Cityscapes train ids (docs/architectures.md §4) for every split folder of ROOT
+            (training, validation); statistics from `training` (or `train`) only. Prints a `data.rcs.min_pixels`
+            for the dataset's label area, as for folder datasets.
 folder:     custom datasets whose labels are already train ids (0..K-1, 255 = ignore); statistics only. Also
             prints a `data.rcs.min_pixels` scaled to the dataset's mean label area (`rcs.suggest_min_pixels`).
 
@@ -43,6 +49,7 @@ from daformer_fast.data.rcs import GTA_LABEL_AREA, PAPER_MIN_PIXELS, suggest_min
 
 __all__ = [
     "CITYSCAPES_ID_TO_TRAINID",
+    "MAPILLARY_ID_TO_TRAINID",
     "SYNTHIA_ID_TO_TRAINID",
     "class_stats",
     "convert",
@@ -60,6 +67,20 @@ SYNTHIA_ID_TO_TRAINID = {
     3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15,
     20: 16, 12: 17, 11: 18,
 }  # fmt: skip
+# Mapillary Vistas v1.2 class id → train id (docs/architectures.md §4: the original's table, checked against the
+# v1.2 class names). Lane markings and manholes count as road, curbs as sidewalk; every other id is 255.
+MAPILLARY_ID_TO_TRAINID = {
+    13: 0, 24: 0, 41: 0,  # road, lane marking (general), manhole
+    2: 1, 15: 1,  # curb, sidewalk
+    17: 2, 6: 3, 3: 4,  # building, wall, fence
+    45: 5, 47: 5,  # pole, utility pole
+    48: 6, 50: 7,  # traffic light, traffic sign (front)
+    30: 8, 29: 9, 27: 10,  # vegetation, terrain, sky
+    19: 11, 20: 12, 21: 12, 22: 12,  # person; bicyclist, motorcyclist, other rider
+    55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18,  # car, truck, bus, on rails, motorcycle, bicycle
+}  # fmt: skip
+MAPILLARY_NUM_IDS = 66
+"""Vistas v1.2 has class ids 0..65 (65 = unlabeled); a larger id means a v2.0 label (124 classes)."""
 
 
 def _lut(mapping: dict[int, int], size: int = 65536) -> np.ndarray:
@@ -88,6 +109,15 @@ def _read_ids_synthia(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: unreadable label file")
     # OpenCV returns BGR(A) order: the file's first (R) channel is the last colour channel here.
     return (arr[..., 2] if arr.ndim == 3 else arr).astype(np.int64)
+
+
+def _read_ids_vistas(path: Path) -> np.ndarray:
+    ids = _read_ids_gta(path)  # palette indices, as GTA's
+    if ids.size and int(ids.max()) >= MAPILLARY_NUM_IDS:
+        # v2.0 labels number their 124 classes differently; the v1.2 table would silently mislabel them.
+        raise ValueError(f"{path}: class id {int(ids.max())} > {MAPILLARY_NUM_IDS - 1}; expected Mapillary Vistas "
+                         "v1.2 labels (the v2.0 package has them under <split>/v1.2/labels)")  # fmt: skip
+    return ids
 
 
 def _read_ids_plain(path: Path) -> np.ndarray:
@@ -127,6 +157,7 @@ def _convert_one(
         trainids = lut[np.clip(ids, 0, len(lut) - 1)]
         # Hidden and without the .png suffix, so an interrupted run's leftover matches no glob of any layout.
         tmp = dst.with_name(f".{dst.name}.tmp")
+        dst.parent.mkdir(parents=True, exist_ok=True)  # Vistas v2.0 packages: written beside, not into, v1.2/labels
         Image.fromarray(trainids, mode="L").save(tmp, format="PNG")
         tmp.replace(dst)  # never leave a half-written label behind
     if trainids.ndim != 2:
@@ -177,11 +208,28 @@ def _jobs(
         srcs = sorted(p for p in folder.glob("*/*/*_gtFine_labelIds.png") if not _is_leftover(p, folder))
         pairs = [(p, p.with_name(p.name.replace("_labelIds.png", "_labelTrainIds.png"))) for p in srcs]
         return pairs, _read_ids_plain, _lut(CITYSCAPES_ID_TO_TRAINID)
+    if kind == "mapillary":
+        return _mapillary_pairs(root), _read_ids_vistas, _lut(MAPILLARY_ID_TO_TRAINID)
     if kind == "folder":
         folder = root / "labels" / split if (root / "labels" / split).is_dir() else root / "labels"
         srcs = sorted(p for p in folder.rglob("*" + label_suffix) if not _is_leftover(p, folder))
         return [(p, p) for p in srcs], None, None
     raise ValueError(f"unknown dataset kind {kind!r}")
+
+
+def _mapillary_pairs(root: Path) -> list[tuple[Path, Path]]:
+    """(Vistas label, train-id file) pairs of every split folder of `root`: the source labels from <split>/labels,
+    else <split>/v1.2/labels; the train-id files always go to <split>/labels (the `mapillary` layout)."""
+    pairs = []
+    for split_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        out = split_dir / "labels"
+        for folder in (out, split_dir / "v1.2" / "labels"):
+            srcs = sorted(p for p in folder.rglob("*.png") if not p.name.endswith("_labelTrainIds.png")
+                          and not _is_leftover(p, folder)) if folder.is_dir() else []  # fmt: skip
+            if srcs:
+                pairs += [(p, out / p.relative_to(folder).with_name(p.stem + "_labelTrainIds.png")) for p in srcs]
+                break
+    return pairs
 
 
 def convert(
@@ -195,7 +243,8 @@ def convert(
     pairs, read_ids, lut = _jobs(kind, root, split, label_suffix)
     if not pairs:
         pattern = {"gta": "labels/*<digit>.png", "synthia": "GT/LABELS/*.png", "folder": f"labels/**/*{label_suffix}",
-                   "cityscapes": "gtFine/*/*/*_gtFine_labelIds.png"}[kind]  # fmt: skip
+                   "cityscapes": "gtFine/*/*/*_gtFine_labelIds.png",
+                   "mapillary": "<split>/labels/*.png or <split>/v1.2/labels/*.png"}[kind]  # fmt: skip
         raise FileNotFoundError(f"no label files in {root} matching {pattern}")
     work = partial(_convert_pair, read_ids=read_ids, lut=lut, num_classes=num_classes)
     if nproc > 1:
@@ -204,7 +253,10 @@ def convert(
                                 disable=quiet))  # fmt: skip
     else:
         records = [work(p) for p in tqdm(pairs, desc=f"convert {kind}", disable=quiet)]
-    if kind == "folder" and not quiet:
+    if kind == "mapillary":
+        # Statistics only from the training split, as for Cityscapes (decided on the first folder below ROOT).
+        records = [r for r in records if Path(r[0]).relative_to(root).parts[0] in ("training", "train")]
+    if kind in ("folder", "mapillary") and records and not quiet:
         _print_min_pixels_hint(float(np.mean([area for _, _, area in records])))
     records = [(path, stats) for path, stats, _ in records]
     if kind == "cityscapes":
@@ -243,7 +295,7 @@ def _write_split_lists(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m daformer_fast.tools.convert_datasets", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("kind", choices=["gta", "synthia", "cityscapes", "folder"])
+    parser.add_argument("kind", choices=["gta", "synthia", "cityscapes", "mapillary", "folder"])
     parser.add_argument("root")
     parser.add_argument("--nproc", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--num-classes", type=int, default=19, help="number of train ids (folder datasets)")
