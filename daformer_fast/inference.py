@@ -11,6 +11,12 @@ are upsampled bilinearly to the network input and then to the original size (`Se
 confusion matrix is taken against the original-resolution label with 255 ignored. Images of equal size can be
 batched (the original uses batch 1; results are the same because the model is in eval mode).
 
+Domain generalisation (docs/architectures.md §4) scores one model on several labelled sets and averages their mIoUs:
+
+    result = evaluate_sets(model, {"cityscapes": (cs_samples, scale), "bdd100k": (bdd_samples, scale)},
+                           cfg.data.classes, device)
+    result["mIoU_avg"], result["datasets"]["bdd100k"]["IoU"]["road"]
+
 Used by the trainer's periodic evaluation and by the evaluate and predict CLIs.
 """
 
@@ -32,9 +38,9 @@ from tqdm import tqdm
 
 from daformer_fast.data.datasets import DatasetError, Sample, read_image, read_label, rescale_size, resize_image
 from daformer_fast.data.pipeline import normalize
-from daformer_fast.metrics import confusion_matrix
+from daformer_fast.metrics import confusion_matrix, segmentation_metrics
 
-__all__ = ["TRAIN_ID_TO_LABEL_ID", "Prediction", "evaluate", "iter_predictions", "save_prediction_png"]
+__all__ = ["TRAIN_ID_TO_LABEL_ID", "Prediction", "evaluate", "evaluate_sets", "iter_predictions", "save_prediction_png"]
 
 # Cityscapes trainId -> labelId (cityscapesscripts' trainId2label), for test-server submissions.
 TRAIN_ID_TO_LABEL_ID = {
@@ -147,6 +153,31 @@ def evaluate(
             raise DatasetError(f"no label file for {sample.img}")
         conf_KK += confusion_matrix(pred_HW, torch.from_numpy(label).to(pred_HW.device), num_classes, ignore_index)
     return conf_KK.cpu()
+
+
+def evaluate_sets(
+    model: nn.Module,
+    sets: dict[str, tuple[list[Sample], tuple[int, int]]],
+    class_names: tuple[str, ...] | list[str],
+    device: str | torch.device,
+    *,
+    synthia: bool = False,
+    **kw: Any,
+) -> dict:
+    """Metrics of `model` on each labelled set {name: (samples, scale)} and the plain mean of their mIoUs.
+
+    Each set is scored on its own confusion matrix (`segmentation_metrics`); the average weights every set equally,
+    whatever its number of images, as domain-generalisation tables report it. `kw` goes to `evaluate`.
+
+    Returns:
+        {"datasets": {name: {**metrics, "num_images": n}}, "mIoU_avg": mean mIoU (NaN if a set has none)}
+    """
+    per_set = {}
+    for name, (samples, scale) in sets.items():
+        conf_KK = evaluate(model, samples, scale, len(class_names), device, **kw)
+        per_set[name] = {**segmentation_metrics(conf_KK, class_names, synthia=synthia), "num_images": len(samples)}
+    mean = float(np.mean([m["mIoU"] for m in per_set.values()])) if per_set else float("nan")
+    return {"datasets": per_set, "mIoU_avg": mean}
 
 
 def save_prediction_png(path: Path, pred_HW: np.ndarray, palette: Iterable[Iterable[int]] | None) -> None:
