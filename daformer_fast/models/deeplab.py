@@ -30,8 +30,8 @@ def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
 
 
 def init_decode_head(head: nn.Module) -> None:
-    """The original's decode-head init (docs/architectures.md §4): ConvModules Kaiming fan_out, bias 0, BN 1/0;
-    the classifier `head.conv_seg` N(0, 0.01²), bias 0."""
+    """The original's decode-head init: ConvModules Kaiming fan_out, bias 0, BN 1/0 (docs/architectures.md §0); the
+    classifier `head.conv_seg` N(0, 0.01²), bias 0 (§2.2)."""
     init_conv_modules(head)
     nn.init.normal_(head.conv_seg.weight, 0.0, 0.01)
     nn.init.zeros_(head.conv_seg.bias)
