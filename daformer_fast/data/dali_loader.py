@@ -34,6 +34,9 @@ loader. A DALI reader takes its file list when the pipeline is built and cannot 
 afterwards, so with an npy side the loader plans `NPY_CHUNK_ITERS` iterations ahead, builds a pipeline whose reader
 lists their files in plan order, runs it, and builds the next one.
 
+PhotoMetricDistortion (`data.photometric`) is not in the graph: the loader refuses a config with it on, and
+`loader.build_train_loader` picks the torch loader for it.
+
 Differences from the torch loader, by design: an image whose header reads but whose data is corrupt is not
 skipped (the host never decodes images) and stops the run with the DALI error; `rcs_class`, `failed`,
 `valid_hw` and `target_valid_hw` stay on the host (the failure monitor reads `failed` every step and `normalize`
@@ -53,11 +56,19 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from daformer_fast.config import DataConfig
+from daformer_fast.config import ConfigError, DataConfig
 from daformer_fast.data.datasets import NPY_SUFFIX, DatasetError
 from daformer_fast.data.plan import ItemPlanner, Mode, Side, SidePlan
 
-__all__ = ["NPY_CHUNK_ITERS", "DaliTrainLoader", "PlanDataset", "dali_available", "read_image_header", "resize_taps"]
+__all__ = [
+    "NPY_CHUNK_ITERS",
+    "PHOTOMETRIC_NOT_IN_DALI",
+    "DaliTrainLoader",
+    "PlanDataset",
+    "dali_available",
+    "read_image_header",
+    "resize_taps",
+]
 
 NPY_CHUNK_ITERS = 64
 """Iterations one DALI pipeline runs when a side reads an npy cache (module docstring): its plans are made before
@@ -67,6 +78,9 @@ Resize = Literal["exact", "fast"]
 _OUTPUTS = ("img", "gt", "target_img", "rcs_class", "failed", "valid_hw", "target_valid_hw")
 _TARGET_OUTPUTS = ("target_img", "target_valid_hw")
 _COEF_SCALE = 2048  # OpenCV INTER_RESIZE_COEF_SCALE (11 fractional bits)
+PHOTOMETRIC_NOT_IN_DALI = ("data.loader=dali cannot apply data.photometric (PhotoMetricDistortion runs in the torch "
+                           "loader only); set data.loader to torch or auto")
+"""The error of a DALI loader asked for with `data.photometric` on (module docstring)."""
 
 
 def dali_available() -> tuple[bool, str]:
@@ -294,6 +308,9 @@ class DaliTrainLoader:
     Attributes:
         loader_check: None, or set by `loader.build_train_loader` to its `LoaderCheck` (the self-check against
             the torch loader that this loader passed before the run trusted it).
+
+    Raises:
+        ConfigError: `data.photometric` is on (not in the graph, module docstring).
     """
 
     def __init__(
@@ -301,6 +318,8 @@ class DaliTrainLoader:
         max_iters: int, device: torch.device | str = "cpu", num_threads: int | None = None,
         plan_workers: int | None = None, resize: Resize = "exact", prefetch: int = 2,
     ) -> None:  # fmt: skip
+        if data.photometric:
+            raise ConfigError(PHOTOMETRIC_NOT_IN_DALI)
         ok, why = dali_available()
         if not ok:
             raise RuntimeError(f"the DALI loader needs NVIDIA DALI (pip install nvidia-dali-cuda130): {why}")

@@ -4,6 +4,11 @@ self-check passes).
 Both loaders yield the batches of `torch_loader`'s contract for iterations start_iter .. max_iters−1, drawn
 identically, so a run may switch loaders at a resume. `import daformer_fast.data.loader` never imports DALI.
 
+PhotoMetricDistortion (`data.photometric`, the supervised baselines' augmentation) exists in the torch loader only:
+`auto` then picks the torch loader (logged once), and `dali` with it is a configuration error. Reproducing the
+distortion in the DALI graph with the original's OpenCV arithmetic (fixed-point HSV, truncation) would take per-sample
+operators the baselines do not need to be fast (docs/architectures.md §3).
+
 The self-check: DALI's GPU graph cannot be tested where there is no GPU, so before a run trusts DALI it executes
 the first `CHECK_BATCHES` batches of the run (iterations start_iter ..) with both loaders and compares them
 (`compare_batches`). Batches are a function of (seed, rank, iteration) only (`plan`), so the check draws nothing
@@ -19,8 +24,8 @@ from typing import Literal, TypedDict
 
 import torch
 
-from daformer_fast.config import DataConfig
-from daformer_fast.data.dali_loader import DaliTrainLoader, dali_available
+from daformer_fast.config import ConfigError, DataConfig
+from daformer_fast.data.dali_loader import PHOTOMETRIC_NOT_IN_DALI, DaliTrainLoader, dali_available
 from daformer_fast.data.plan import Mode
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
 from daformer_fast.utils import log_once
@@ -141,11 +146,19 @@ def build_train_loader(
     The returned loader carries `loader_check` (a `LoaderCheck`: the loader used, "passed" or the reason, and the
     number of batches compared) for the run's logs.
 
+    With `data.photometric` (module docstring) "auto" is the torch loader and "dali" an error.
+
     Raises:
         RuntimeError: `loader="dali"` but `nvidia.dali` cannot be imported.
+        ConfigError: `loader="dali"` with `data.photometric`.
     """
     device = torch.device(device)
     choice, not_run = data_cfg.loader, f"not run: data.loader={data_cfg.loader}"
+    if data_cfg.photometric and choice == "dali":
+        raise ConfigError(PHOTOMETRIC_NOT_IN_DALI)
+    if data_cfg.photometric and choice == "auto":
+        choice, not_run = "torch", "not run: data.photometric is applied by the torch loader only"
+        log_once(log, "data.loader=auto: torch DataLoader (data.photometric is applied by the torch loader only)")
     if choice == "auto":
         ok, why = dali_available()
         if device.type != "cuda":

@@ -18,6 +18,8 @@ whatever the number of workers, and ranks draw different batches. The draws of o
 4. With RCS, steps 2–3 run again on the same resized image, up to `RCS_CHECKS` checks, until the crop holds more
    than `min_pixels · min_crop_ratio` pixels of the sampled class (docs/recipe.md §3.1–3.2). The original re-decodes
    and re-resizes the image for every retry; resizing is deterministic, so resizing once gives identical crops.
+5. With `data.photometric`: the PhotoMetricDistortion draws (`photometric.draw_photometric`), from
+   `photometric_rng`, a child of the side's SeedSequence, so steps 1–4 draw exactly what they draw without it.
 
 `ItemPlanner.plan(k)` returns those decisions as an `ItemPlan`; a loader only executes it: `torch_loader` with
 OpenCV (decode, resize, slice, flip, pad), `dali_loader` in a DALI graph. Both loaders therefore draw the same
@@ -58,6 +60,7 @@ from daformer_fast.data.datasets import (
     rescale_size,
     resize_label,
 )
+from daformer_fast.data.photometric import PhotometricDraw, draw_photometric
 from daformer_fast.data.pipeline import IGNORE, apply_crop
 from daformer_fast.data.rcs import RareClassSampler, load_class_stats
 
@@ -75,6 +78,7 @@ __all__ = [
     "crop_box",
     "draw_crop",
     "item_rng",
+    "photometric_rng",
     "random_crop",
     "sample_crop",
 ]
@@ -98,6 +102,12 @@ image, or None when the reader does not decode. Raises `DatasetError` for an unr
 def item_rng(seed: int, rank: int, iteration: int, index: int, stream: int) -> np.random.Generator:
     """The Generator of one sample's draws; stream 0 = labelled (source) side, 1 = unlabelled (target) side."""
     return np.random.default_rng(np.random.SeedSequence([seed, rank, iteration, index, stream]))
+
+
+def photometric_rng(seed: int, rank: int, iteration: int, index: int, stream: int) -> np.random.Generator:
+    """The Generator of one side's PhotoMetricDistortion draws: the first child (`SeedSequence.spawn`) of that side's
+    `item_rng` sequence, so turning the distortion on leaves every other draw of the item as it was."""
+    return np.random.default_rng(np.random.SeedSequence([seed, rank, iteration, index, stream], spawn_key=(0,)))
 
 
 def check_label_values(lbl: np.ndarray, num_classes: int, path) -> None:
@@ -225,6 +235,8 @@ class SidePlan:
     image: np.ndarray | None = None
     """The decoded image at file size when the executor's `ImageReader` decodes (torch loader), else None (also for
     npy cache images, which the planner never hands to the reader)."""
+    photometric: PhotometricDraw | None = None
+    """The PhotoMetricDistortion of the crop with `data.photometric` (module docstring, step 5), else None."""
 
     @property
     def valid_hw(self) -> tuple[int, int]:
@@ -281,10 +293,10 @@ class ItemPlanner:
     def plan(self, k: int) -> ItemPlan:
         """The plan of item `k` (raises `DatasetError` for data the run cannot go on with)."""
         t, j = divmod(int(k), self.data.batch_size)
-        labelled = self._plan_side(self.main, item_rng(self.seed, self.rank, t, j, 0), self.rcs is not None)
+        labelled = self._plan_side(self.main, (t, j, 0), self.rcs is not None)
         unlabelled = None
         if self.other is not None:
-            unlabelled = self._plan_side(self.other, item_rng(self.seed, self.rank, t, j, 1), False)
+            unlabelled = self._plan_side(self.other, (t, j, 1), False)
         return ItemPlan(t, j, labelled, unlabelled)
 
     def _read(self, side: Side, i: int):
@@ -333,7 +345,9 @@ class ItemPlanner:
             f"{MAX_SAMPLE_DRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?"
         )
 
-    def _plan_side(self, side: Side, rng: np.random.Generator, use_rcs: bool) -> SidePlan:
+    def _plan_side(self, side: Side, key: tuple[int, int, int], use_rcs: bool) -> SidePlan:
+        """One side's plan; `key` = (iteration, index, stream) of its Generators."""
+        rng = item_rng(self.seed, self.rank, *key)
         c, (s, hw, image, lbl), failed = self._draw_readable(side, rng, use_rcs)
         w, h = rescale_size(hw[1], hw[0], side.cfg.scale)
         if lbl is not None:
@@ -345,4 +359,7 @@ class ItemPlanner:
             rcs_class=c if use_rcs and self.rcs.min_crop_ratio > 0 else None,
             rcs_min_pixels=self.rcs.min_crop_pixels if use_rcs else 0.0,
         )  # fmt: skip
-        return SidePlan(s.img, tuple(hw), (h, w), box, flip, lbl_crop, c, failed, image)
+        photometric = None
+        if self.data.photometric:
+            photometric = draw_photometric(photometric_rng(self.seed, self.rank, *key))
+        return SidePlan(s.img, tuple(hw), (h, w), box, flip, lbl_crop, c, failed, image, photometric)

@@ -13,6 +13,10 @@ unreadable files skipped while drawing each sample, `valid_hw` int64 (B,2) the (
 (less than the crop only for images smaller than the crop, padded at the bottom/right), and `target_valid_hw`
 likewise for `target_img`. Normalisation happens on the device: `pipeline.normalize(batch["img"],
 batch["valid_hw"])`, which also zeroes the padding as the original does.
+
+With `data.photometric` each crop gets its planned PhotoMetricDistortion (`photometric.apply_photometric`) after the
+crop and flip, on its real pixels only: the original distorts the crop before Pad (docs/architectures.md §3), and
+every step of the distortion is per pixel, so the padding stays 0.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from daformer_fast.config import DataConfig
 from daformer_fast.data.datasets import DatasetError, read_image, resize_image
 from daformer_fast.data.npy_cache import read_npy_crop
+from daformer_fast.data.photometric import apply_photometric
 from daformer_fast.data.pipeline import apply_crop
 from daformer_fast.data.plan import ItemPlanner, Mode, SidePlan
 
@@ -40,8 +45,9 @@ def decode_image(path: Path) -> tuple[tuple[int, int], np.ndarray]:
 
 
 def _crop_image(side: SidePlan, crop: tuple[int, int]) -> torch.Tensor:
-    """The planned crop of the decoded image: resize, cut, flip, pad; (3, h, w) uint8. An npy cache image (no
-    decoded image in the plan, already at `size_hw`) is cut from its memory map instead."""
+    """The planned crop of the decoded image: resize, cut, flip, pad, then the planned photometric distortion of the
+    real pixels; (3, h, w) uint8. An npy cache image (no decoded image in the plan, already at `size_hw`) is cut from
+    its memory map instead."""
     if side.image is None:
         y0, y1, x0, x1 = side.box
         part = read_npy_crop(side.img_path, side.box)  # apply_crop copies it out of the map
@@ -51,6 +57,12 @@ def _crop_image(side: SidePlan, crop: tuple[int, int]) -> torch.Tensor:
     else:
         img = resize_image(side.image, (side.size_hw[1], side.size_hw[0]))
         out = apply_crop(img, side.box, side.flip, crop, 0)
+    if side.photometric is not None:
+        h, w = side.valid_hw
+        if (h, w) == out.shape[:2]:  # out may be the decoded image itself: replace it, do not write into it
+            out = apply_photometric(out, side.photometric)
+        else:  # padded, so a fresh array
+            out[:h, :w] = apply_photometric(out[:h, :w], side.photometric)
     return torch.from_numpy(out).permute(2, 0, 1).contiguous()
 
 
