@@ -1,5 +1,5 @@
-"""PhotoMetricDistortion of the supervised baselines' loaders (docs/architectures.md §3) and the loaders' behaviour
-with it off."""
+"""PhotoMetricDistortion of the supervised baselines' loaders (docs/architectures.md §3), the loaders' behaviour with
+it off, and the baselines' epoch order."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from PIL import Image
 
 from daformer_fast.config import parse_config
 from daformer_fast.data.photometric import PhotometricDraw, apply_photometric, draw_photometric
-from daformer_fast.data.plan import photometric_rng
+from daformer_fast.data.plan import draw_crop, epoch_permutation, item_rng, photometric_rng
+from daformer_fast.data.datasets import read_label
 from daformer_fast.data.torch_loader import TrainDataset, build_torch_loader
 
 B = 2
@@ -86,11 +87,13 @@ def _digest(batches: list[dict[str, torch.Tensor]]) -> str:
     return h.hexdigest()[:16]
 
 
-# Batches of iterations 0..3 (seed 0, rank 0) as the loaders drew them before PhotoMetricDistortion existed.
+# Batches of iterations 0..3 (seed 0, rank 0) with the option off. dacs: as the loaders drew them before
+# PhotoMetricDistortion existed (the baselines' were 8ba0013d0d8c97f9 and 0f085fd42e2fccd9 then, and still were with
+# the option in place, until they began to walk an epoch permutation instead of drawing uniform images).
 _DIGESTS = {
     "dacs": "93d35d55552d3254",
-    "source_only": "8ba0013d0d8c97f9",
-    "target_only": "0f085fd42e2fccd9",
+    "source_only": "e9325cf1a7fa5358",
+    "target_only": "cf0210f8204383a9",
 }
 
 
@@ -350,3 +353,49 @@ def test_auto_picks_torch_and_dali_is_refused_with_photometric(tiny, monkeypatch
     monkeypatch.setattr(loader, "check_dali", lambda *a, **k: stub)
     off = loader.build_train_loader(dataclasses.replace(data, photometric=False), **kw)
     assert off.loader_check["check"] == "stub"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The baselines' epoch order
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, n", [("source_only", 5), ("target_only", 3)])
+def test_baselines_walk_one_permutation_per_epoch(tiny, mode, n):
+    """An epoch is ⌊n/B⌋·B items (the original drops each epoch's incomplete batch), each a different image."""
+    planner = _dataset(tiny, mode, seed=3, rank=1).planner
+    names = [s.img for s in planner.main.samples]
+    per_epoch = (n // B) * B
+    epochs = []
+    for e in range(40):
+        got = [names.index(planner.plan(e * per_epoch + p).labelled.img_path) for p in range(per_epoch)]
+        assert len(set(got)) == per_epoch  # no image twice within an epoch
+        assert got == epoch_permutation(3, 1, e, n)[:per_epoch].tolist()
+        epochs.append(tuple(got))
+    assert sum(a != b for a, b in zip(epochs, epochs[1:])) > 25  # a new order (almost) every epoch
+    # Every image is left out of some epoch and the permutations are uniform enough to visit each equally often.
+    counts = np.bincount(np.concatenate(epochs), minlength=n)
+    assert counts.min() > 0.6 * counts.mean()
+    # A pure function of the item counter: a fresh planner (a resumed run, another worker) agrees at any k.
+    fresh = _dataset(tiny, mode, seed=3, rank=1).planner
+    for k in (7 * per_epoch + 1, 3, 0):
+        assert fresh.plan(k).labelled.img_path == planner.plan(k).labelled.img_path
+    # Ranks and seeds walk different orders.
+    for other in (_dataset(tiny, mode, seed=3, rank=0).planner, _dataset(tiny, mode, seed=4, rank=1).planner):
+        assert [other.plan(k).labelled.img_path for k in range(8 * per_epoch)] != [
+            planner.plan(k).labelled.img_path for k in range(8 * per_epoch)]
+
+
+def test_baseline_items_draw_no_index_and_dacs_draws_as_before(tiny):
+    """The baselines' crop and flip are the first draws of the item's stream; dacs has no epoch order."""
+    planner = _dataset(tiny, "source_only").planner
+    for k in range(6):
+        p = planner.plan(k).labelled
+        t, j = divmod(k, B)
+        i = epoch_permutation(0, 0, k // 4, 5)[k % 4]
+        lbl = read_label(planner.main.samples[i].label)
+        box, flip, crop = draw_crop(item_rng(0, 0, t, j, 0), lbl.shape, lbl, (24, 32), cat_max_ratio=0.75)
+        assert (p.img_path, p.box, p.flip) == (planner.main.samples[i].img, box, flip)
+        np.testing.assert_array_equal(p.label, crop)
+    dacs = _dataset(tiny, "dacs").planner
+    assert dacs.epoch_index(0) is None and dacs.plan(0).labelled.rcs_class >= 0

@@ -19,7 +19,7 @@ from daformer_fast.config import parse_config
 from daformer_fast.data.datasets import DatasetError, read_image, read_label
 from daformer_fast.data.npy_cache import read_npy_crop
 from daformer_fast.data.pipeline import resize_pair
-from daformer_fast.data.plan import item_rng, sample_crop
+from daformer_fast.data.plan import epoch_permutation, item_rng, sample_crop
 from daformer_fast.data.synthetic import ensure_synthetic, make_synthetic
 from daformer_fast.data.torch_loader import FailureMonitor, TrainDataset, build_torch_loader
 from daformer_fast.tools.cache_dataset import cache_dataset
@@ -126,10 +126,10 @@ def test_source_only_mode(bench):
     batch = _batches(ds, 0, 1)[0]
     assert set(batch) == {"img", "gt", "rcs_class", "failed", "valid_hw"}
     assert batch["rcs_class"].tolist() == [-1] * B
-    # Without RCS: a uniform image index, then the cat_max_ratio crop; replayed by hand.
+    # The baselines: the image at the item's place in the epoch permutation, then the cat_max_ratio crop; by hand.
     for j in range(B):
         rng = item_rng(0, 0, 0, j, 0)
-        s = ds.planner.main.samples[int(rng.integers(10))]
+        s = ds.planner.main.samples[epoch_permutation(0, 0, 0, 10)[j]]
         img, lbl = resize_pair(read_image(s.img), read_label(s.label), (80, 48))
         img, lbl = sample_crop(rng, img, lbl, (32, 32), cat_max_ratio=0.75, flip_prob=0.5)
         np.testing.assert_array_equal(batch["img"][j].permute(1, 2, 0).numpy(), img)
@@ -144,7 +144,7 @@ def test_target_only_mode_uses_target_labels(bench):
     assert "target_img" not in batch
     for j in range(B):
         rng = item_rng(0, 0, 2, j, 0)
-        s = ds.planner.main.samples[int(rng.integers(6))]
+        s = ds.planner.main.samples[epoch_permutation(0, 0, 0, 6)[2 * B + j]]
         assert "gtFine/train" in s.label.as_posix()
         img, lbl = resize_pair(read_image(s.img), read_label(s.label), (80, 48))
         img, lbl = sample_crop(rng, img, lbl, (32, 32), cat_max_ratio=0.75, flip_prob=0.5)

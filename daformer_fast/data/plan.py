@@ -5,7 +5,8 @@ item draws from its own Generator, `item_rng(seed, rank, t, j, stream)` (stream 
 the unlabelled target of `dacs` mode), so a resumed run draws exactly the batches an uninterrupted run would,
 whatever the number of workers, and ranks draw different batches. The draws of one side, in order:
 
-1. The sample: with RCS a class and an image rich in it (`RareClassSampler.sample`), else a uniform index. An
+1. The sample: with RCS a class and an image rich in it (`RareClassSampler.sample`), else a uniform index; the
+   supervised baselines instead take the next index of an epoch permutation, drawing nothing (below). An
    unreadable file is skipped with a warning and the sample drawn again, `MAX_SAMPLE_DRAWS` draws at most
    (`data.strict`: the first unreadable file stops the run). Bad data that skipping would hide (image/label size
    mismatch, label values that are not train ids) always stops the run.
@@ -34,7 +35,13 @@ index; `SidePlan.image` is then None and `size_hw == src_hw` (the cache holds th
 only cuts the crop out of the file (`npy_cache.read_npy_crop`).
 
 Without RCS, the original draws (source, target) pairs from a shuffled |S|·|T| product; here each is drawn
-uniformly and independently per item, which has the same distribution for a run of 40k iterations.
+uniformly and independently per item, which has the same distribution for a run of 40k iterations. The supervised
+baselines (`source_only`, `target_only`) load one labelled set with a loader that shuffles it at every epoch and
+drops each epoch's incomplete last batch (docs/architectures.md §3); their step 1 is therefore a walk through one
+permutation per epoch (`epoch_permutation`): an epoch is L = ⌊N/B⌋·B samples of this rank's counter k, and item k
+takes image perm_e[k mod L] of epoch e = k div L (only a redraw after an unreadable file is uniform). That is still a
+pure function of k, so resuming stays exact. Each rank walks its own permutations, where the original's distributed
+sampler splits one permutation between the ranks; on one GPU, as the paper trains, the two agree.
 
 Legend: H/W resized image size, h/w crop size; boxes are (y0, y1, x0, x1).
 """
@@ -77,6 +84,7 @@ __all__ = [
     "check_label_values",
     "crop_box",
     "draw_crop",
+    "epoch_permutation",
     "item_rng",
     "photometric_rng",
     "random_crop",
@@ -108,6 +116,17 @@ def photometric_rng(seed: int, rank: int, iteration: int, index: int, stream: in
     """The Generator of one side's PhotoMetricDistortion draws: the first child (`SeedSequence.spawn`) of that side's
     `item_rng` sequence, so turning the distortion on leaves every other draw of the item as it was."""
     return np.random.default_rng(np.random.SeedSequence([seed, rank, iteration, index, stream], spawn_key=(0,)))
+
+
+# The last word of `epoch_permutation`'s seed; no item side uses it (0 labelled, 1 unlabelled), so a permutation's
+# sequence is never an item's.
+_EPOCH_STREAM = 2
+
+
+def epoch_permutation(seed: int, rank: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which a supervised baseline walks its n labelled samples in `epoch` on `rank` (module
+    docstring): a uniform permutation of 0..n−1 (int64), a function of its arguments only."""
+    return np.random.default_rng(np.random.SeedSequence([seed, rank, epoch, n, _EPOCH_STREAM])).permutation(n)
 
 
 def check_label_values(lbl: np.ndarray, num_classes: int, path) -> None:
@@ -289,14 +308,26 @@ class ItemPlanner:
             self.rcs = RareClassSampler.from_stats(
                 stats, self.main.samples, data.rcs.class_temp, data.rcs.min_pixels, data.rcs.min_crop_ratio
             )
+        self._perm: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): items come mostly in order
+
+    def epoch_index(self, k: int) -> int | None:
+        """The labelled sample that item `k` of a supervised baseline takes first (module docstring); None in
+        `dacs` mode, which draws its samples instead."""
+        if self.mode == "dacs":
+            return None
+        n, batch = len(self.main.samples), self.data.batch_size
+        epoch, pos = divmod(int(k), (n // batch) * batch if n >= batch else n)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, epoch_permutation(self.seed, self.rank, epoch, n))
+        return int(self._perm[1][pos])
 
     def plan(self, k: int) -> ItemPlan:
         """The plan of item `k` (raises `DatasetError` for data the run cannot go on with)."""
         t, j = divmod(int(k), self.data.batch_size)
-        labelled = self._plan_side(self.main, (t, j, 0), self.rcs is not None)
+        labelled = self._plan_side(self.main, (t, j, 0), self.rcs is not None, self.epoch_index(k))
         unlabelled = None
         if self.other is not None:
-            unlabelled = self._plan_side(self.other, (t, j, 1), False)
+            unlabelled = self._plan_side(self.other, (t, j, 1), False, None)
         return ItemPlan(t, j, labelled, unlabelled)
 
     def _read(self, side: Side, i: int):
@@ -323,13 +354,15 @@ class ItemPlanner:
                 raise _Fatal(str(e)) from None  # wrong ids (e.g. unconverted labels) are not an unreadable file
         return s, hw, image, lbl
 
-    def _draw_readable(self, side: Side, rng: np.random.Generator, use_rcs: bool):
-        """Draw sample indices (RCS or uniform) until one reads: (rcs class or −1, what `_read` returned, files
-        skipped)."""
+    def _draw_readable(self, side: Side, rng: np.random.Generator, use_rcs: bool, first: int | None):
+        """Draw sample indices (RCS, or `first` then uniform, or uniform) until one reads: (rcs class or −1, what
+        `_read` returned, files skipped)."""
         failed = 0
-        for _ in range(MAX_SAMPLE_DRAWS):
+        for attempt in range(MAX_SAMPLE_DRAWS):
             if use_rcs:
                 c, i = self.rcs.sample(rng)
+            elif first is not None and attempt == 0:
+                c, i = -1, first
             else:
                 c, i = -1, int(rng.integers(len(side.samples)))
             try:
@@ -345,10 +378,10 @@ class ItemPlanner:
             f"{MAX_SAMPLE_DRAWS} unreadable samples in a row in {side.cfg.root}; is the dataset damaged?"
         )
 
-    def _plan_side(self, side: Side, key: tuple[int, int, int], use_rcs: bool) -> SidePlan:
-        """One side's plan; `key` = (iteration, index, stream) of its Generators."""
+    def _plan_side(self, side: Side, key: tuple[int, int, int], use_rcs: bool, first: int | None) -> SidePlan:
+        """One side's plan; `key` = (iteration, index, stream) of its Generators, `first` = `epoch_index`."""
         rng = item_rng(self.seed, self.rank, *key)
-        c, (s, hw, image, lbl), failed = self._draw_readable(side, rng, use_rcs)
+        c, (s, hw, image, lbl), failed = self._draw_readable(side, rng, use_rcs, first)
         w, h = rescale_size(hw[1], hw[0], side.cfg.scale)
         if lbl is not None:
             lbl = resize_label(lbl, (w, h))
