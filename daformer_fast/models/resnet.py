@@ -17,10 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn as nn
-from timm.layers import AvgPool2dSame
 
 __all__ = ["CNN_ENCODERS", "CNNEncoder", "CnnSpec", "cnn_encoder", "from_mmseg_resnet", "guess_cnn"]
 
@@ -62,6 +60,10 @@ class CNNEncoder(nn.Module):
     out_channels = (256, 512, 1024, 2048)
 
     def __init__(self, name: str, layers: tuple[int, int, int, int] | None = None) -> None:
+        # timm takes seconds to import; MiT runs (and everything importing the checkpoint loader) never need it.
+        import timm
+        from timm.layers import AvgPool2dSame
+
         super().__init__()
         self.name = name
         self.spec = CNN_ENCODERS[name]
