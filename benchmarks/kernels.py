@@ -145,14 +145,14 @@ def _classmix_case(b: int, side: int, jitter: bool, tag: str) -> Case:
         from daformer_fast.config import UDAConfig
         from daformer_fast.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
         from daformer_fast.uda.augment import draw_strong_params
-        from daformer_fast.uda.classmix import chosen_classes
+        from daformer_fast.uda.classmix import chosen_classes, draw_class_keys
 
         g = torch.Generator().manual_seed(0)
         img, tgt = (torch.randn(b, 3, side, side, generator=g).to(device, dtype) for _ in range(2))
         # 18 classes, 9 chosen per sample: about half the pixels pasted (m ≈ ½ in the byte count).
         gt, pl = (torch.randint(0, 18, (b, side, side), generator=g).to(device) for _ in range(2))
         pw = torch.rand(b, side, side, generator=g).to(device)
-        chosen = chosen_classes(gt, g)
+        chosen = chosen_classes(gt, draw_class_keys(b, g))
         params = draw_strong_params(b, g, UDAConfig()).jitter_params if jitter else None
         return (img, tgt, gt, pl, pw, chosen), (params, IMAGENET_MEAN, IMAGENET_STD)
 

@@ -79,7 +79,7 @@ class MetricsLog(contextlib.ExitStack):
         """Read the interval (every rank) and write its row (rank 0); returns the interval's mean outputs."""
         means, per_step, wait_frac = self._read()
         if self.enabled:
-            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            lrs = {g["name"]: float(g["lr"]) for g in optimizer.param_groups}  # fused: a device tensor
             row = {"step": t_done, "lr": lrs.get("backbone"), "lr_head": lrs.get("head"), **means,
                    "step_ms": per_step * 1e3, "img_s": self.imgs_per_step / per_step,
                    "data_wait_pct": 100 * wait_frac, "mem_gib": peak_memory_gib(self.device), **extra,

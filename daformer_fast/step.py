@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,9 +36,9 @@ from daformer_fast.models.mit import DropPath
 from daformer_fast.models.segmentor import Segmentor, param_groups
 from daformer_fast.ops.classmix_aug import gaussian_blur, mix, mix_and_jitter
 from daformer_fast.ops.dispatch import Impl, using_impl
-from daformer_fast.uda.augment import apply_strong, draw_strong_params, strong_transform_original
-from daformer_fast.uda.classmix import chosen_classes, class_masks_original
-from daformer_fast.uda.ema import update_ema
+from daformer_fast.uda.augment import StrongParams, apply_strong, draw_strong_params, strong_on_device
+from daformer_fast.uda.classmix import chosen_classes, class_masks_original, draw_class_keys
+from daformer_fast.uda.ema import ema_weights, update_ema
 from daformer_fast.uda.fdist import feature_distance
 from daformer_fast.uda.losses import seg_ce_loss
 from daformer_fast.uda.mic import block_keep_mask, draw_block_uniforms, draw_mic_aug, mic_batch, mic_threshold
@@ -45,7 +46,7 @@ from daformer_fast.uda.pseudo_label import pseudo_label
 from daformer_fast.uda.schedule import set_lrs
 from daformer_fast.utils import to_device
 
-__all__ = ["UDAStep", "build_optimizer", "frozen_copy", "step_seed"]
+__all__ = ["StepDraws", "UDAStep", "build_optimizer", "frozen_copy", "step_seed"]
 
 
 def step_seed(seed: int, rank: int, t: int) -> int:
@@ -77,6 +78,40 @@ def _teacher_inference_mode(teacher: nn.Module) -> None:
     for m in teacher.modules():
         if isinstance(m, nn.modules.dropout._DropoutNd | DropPath):
             m.training = False
+
+
+_INPUT_KEYS = ("img", "target_img", "gt", "valid_hw", "target_valid_hw")
+
+
+def _dev(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else to_device(x, device)
+
+
+class StepDraws(NamedTuple):
+    """Every value of iteration t besides its batch and the networks' state: drawn or computed on the host before
+    the step's device part runs (`UDAStep.prepare`, CPU tensors), then moved there whole (`on_device`). None where
+    the configuration has no such stage."""
+
+    ema: torch.Tensor | None = None
+    """[a, 1 − a] of DAFormer's EMA teacher (`uda.ema.ema_weights`); None at t = 0 (a copy)."""
+    mic_ema: torch.Tensor | None = None
+    """The same for MIC's separate teacher."""
+    class_keys: torch.Tensor | None = None
+    """(B, 256) float64 ClassMix keys (`uda.classmix.draw_class_keys`)."""
+    strong: StrongParams | None = None
+    """The mixed image's colour jitter and blur (`uda.augment.draw_strong_params`)."""
+    mic_strong: StrongParams | None = None
+    """The masked batch's colour augmentation (`uda.mic.draw_mic_aug`), `*aug` modes only."""
+    mic_uniforms: torch.Tensor | None = None
+    """MIC's mask cells (`uda.mic.draw_block_uniforms`)."""
+
+    def on_device(self, device: torch.device) -> StepDraws:
+        """The draws as the fast step reads them: on `device`, the augmentation switches as 0-dim bool tensors."""
+        return StepDraws(
+            *(_dev(x, device) for x in (self.ema, self.mic_ema, self.class_keys)),
+            *(None if p is None else strong_on_device(p, device) for p in (self.strong, self.mic_strong)),
+            _dev(self.mic_uniforms, device),
+        )  # fmt: skip
 
 
 class UDAStep:
@@ -142,13 +177,31 @@ class UDAStep:
         valid = batch.get("target_valid_hw" if key == "target_img" else "valid_hw")
         return normalize(batch[key].to(self.device, non_blocking=True), valid)
 
-    def _begin(self, t: int) -> torch.Generator:
-        """LR of iteration t, cleared gradients, reseeded randomness; the step's CPU generator."""
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch tensors the fast step reads, on the device (copies that do not block the host)."""
+        return {k: batch[k].to(self.device, non_blocking=True) for k in _INPUT_KEYS if k in batch}
+
+    def prepare(self, t: int, batch_size: int, size: tuple[int, int]) -> StepDraws:
+        """The host part of iteration t: the learning rates written into the optimizer, the global torch RNG
+        reseeded (DropPath, Dropout2d), and every other value the iteration reads drawn on the CPU (`StepDraws`).
+        The draws follow one fixed order and amount — class keys, strong augmentation, MIC's augmentation, MIC's
+        mask cells — so the stream never depends on a switch."""
         seed = step_seed(self.seed, self.rank, t)
         torch.manual_seed(seed)  # DropPath / Dropout2d of the student's forward passes
         set_lrs(self.optimizer, t, self.schedule, self.max_iters)
-        self.optimizer.zero_grad(set_to_none=True)
-        return torch.Generator().manual_seed(seed)
+        if self.uda.mode != "dacs":
+            return StepDraws()
+        gen = torch.Generator().manual_seed(seed)
+        keys = draw_class_keys(batch_size, gen)  # ClassMix: source classes pasted into each target image (§2.4)
+        strong = draw_strong_params(batch_size, gen, self.uda)  # jitter/blur switches, factors, σ (§2.5)
+        mic_ema = mic_strong = mic_uniforms = None
+        if self.mic is not None:
+            n = 2 if self.mic.mode.removesuffix("aug") == "separate" else batch_size  # docs/mic.md §3
+            mic_strong = draw_mic_aug(n, gen, self.uda) if self.mic.mode.endswith("aug") else None
+            mic_uniforms = draw_block_uniforms(n, size, self.mic.block_size, gen)
+            if self.mic_teacher is not None:
+                mic_ema = ema_weights(t, self.uda.alpha if self.mic.alpha == "same" else self.mic.alpha)
+        return StepDraws(ema_weights(t, self.uda.alpha), mic_ema, keys, strong, mic_strong, mic_uniforms)
 
     def _feature_distance(self, img: torch.Tensor, feat_student: torch.Tensor, gt: torch.Tensor):
         with torch.no_grad():
@@ -168,14 +221,13 @@ class UDAStep:
             self.uda.pseudo_weight_ignore_top, self.uda.pseudo_weight_ignore_bottom,
         )  # fmt: skip
 
-    def _update_teachers(self, t: int) -> None:
+    def _update_teachers(self, d: StepDraws) -> None:
         """EMA of DAFormer's teacher, then of the separate MIC teacher (docs/mic.md §4), before any forward."""
-        update_ema(self.teacher.parameters(), self.student.parameters(), t, self.uda.alpha)
+        update_ema(self.teacher.parameters(), self.student.parameters(), _dev(d.ema, self.device))
         if self.mic_teacher is not None:
-            alpha = self.uda.alpha if self.mic.alpha == "same" else self.mic.alpha
-            update_ema(self.mic_teacher.parameters(), self.student.parameters(), t, alpha)
+            update_ema(self.mic_teacher.parameters(), self.student.parameters(), _dev(d.mic_ema, self.device))
 
-    def _mic_pass(self, gen, img, gt, tgt, pl, pw, debug: dict | None) -> torch.Tensor:
+    def _mic_pass(self, d: StepDraws, img, gt, tgt, pl, pw, debug: dict | None) -> torch.Tensor:
         """MIC's masked pass and its own backward (docs/mic.md §1-§6), after the ClassMix backward; returns the
         (λ-weighted) loss. The original path runs the per-sample colour ops, the fast path the batched ones; both
         from the same draws."""
@@ -184,11 +236,9 @@ class UDAStep:
             with self._autocast():
                 pl, pw = self._pseudo_labels(tgt, self.mic_teacher, mic_threshold(mic, self.uda))
         images, labels, weights = mic_batch(mic.mode, img, gt, tgt, pl, pw)
-        if mic.mode.endswith("aug"):
-            images = apply_strong(images, self.mean, self.std, draw_mic_aug(images.shape[0], gen, self.uda),
-                                  original=self.original)  # fmt: skip
-        uniforms = to_device(draw_block_uniforms(images.shape[0], images.shape[-2:], mic.block_size, gen), self.device)
-        keep = block_keep_mask(uniforms, tuple(images.shape[-2:]), mic.ratio)
+        if d.mic_strong is not None:
+            images = apply_strong(images, self.mean, self.std, d.mic_strong, original=self.original)
+        keep = block_keep_mask(_dev(d.mic_uniforms, self.device), tuple(images.shape[-2:]), mic.ratio)
         masked = images * keep
         with self._autocast():
             loss_mic = seg_ce_loss(self.student_fwd(masked), labels, weights)
@@ -227,27 +277,35 @@ class UDAStep:
         """Iteration t on `batch`. With `debug`, the output also holds "debug": the step's images, labels and masks
         (the panels of `visualize.save_debug_grids`), for the caller to draw outside the step."""
         with using_impl(self.impl):
-            if self.uda.mode != "dacs":
-                return self.supervised_step(batch, t)
-            if self.original:
-                return self.dacs_step_original(batch, t, debug)
-            return self.dacs_step(batch, t, debug)
+            draws = self.prepare(t, batch["img"].shape[0], tuple(batch["img"].shape[-2:]))
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.original and self.uda.mode == "dacs":
+                return self.dacs_step_original(batch, draws, debug)
+            return self.body(self.inputs(batch), draws.on_device(self.device), debug)
 
-    def supervised_step(self, batch: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    def body(self, inputs: dict[str, torch.Tensor], draws: StepDraws, debug: bool = False) -> dict[str, torch.Tensor]:
+        """The device part of a fast iteration (the supervised step on either path): batch tensors and draws on
+        the device in, 0-dim device tensors out. It reads no value back to the host, creates no tensor from host
+        data and branches on nothing drawn, so the same kernels run every iteration: `daformer_fast.graphs`
+        captures it in a CUDA graph and replays it with new contents of the same input tensors."""
+        if self.uda.mode != "dacs":
+            return self._supervised_body(inputs)
+        return self._dacs_body(inputs, draws, debug)
+
+    def _supervised_body(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Source-only / target-only baselines: plain supervised training on the labelled side."""
-        self._begin(t)
-        img, gt = self._images(batch, "img"), batch["gt"].to(self.device, non_blocking=True)
+        img = normalize(inputs["img"], inputs.get("valid_hw"), host_check=False)
         with self._autocast():
-            loss_src = seg_ce_loss(self.student_fwd(img), gt)
+            loss_src = seg_ce_loss(self.student_fwd(img), inputs["gt"])
         loss_src.backward()
         return {"loss_src": loss_src.detach(), "skipped": self._optimizer_step(loss_src)}
 
-    def dacs_step(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict[str, torch.Tensor]:
+    def _dacs_body(self, inputs: dict[str, torch.Tensor], d: StepDraws, debug: bool) -> dict[str, torch.Tensor]:
         """DAFormer's iteration (MIC's masked pass last, when on), batched and free of host synchronisation."""
-        gen = self._begin(t)
-        self._update_teachers(t)
-        img, tgt = self._images(batch, "img"), self._images(batch, "target_img")
-        gt = batch["gt"].to(self.device, non_blocking=True)
+        self._update_teachers(d)
+        img = normalize(inputs["img"], inputs.get("valid_hw"), host_check=False)
+        tgt = normalize(inputs["target_img"], inputs.get("target_valid_hw"), host_check=False)
+        gt = inputs["gt"]
 
         # Source: supervised loss + ImageNet feature distance, one backward (no gradient all-reduce yet).
         with self.no_sync(), self._autocast():
@@ -259,21 +317,21 @@ class UDAStep:
         # Target: teacher pseudo-labels, ClassMix with the source, strong augmentation; weighted loss.
         with self._autocast():
             pl, pw = self._pseudo_labels(tgt)
-        chosen = chosen_classes(gt, gen)  # source classes pasted into each target image (§2.4)
-        aug = draw_strong_params(img.shape[0], gen, self.uda)  # jitter/blur switches, factors, σ (§2.5)
-        jitter = aug.jitter_params if aug.jitter else None
-        mixed_img, mixed_lbl, mixed_w, mask = mix_and_jitter(img, tgt, gt, pl, pw, chosen, jitter, self.mean, self.std)
-        if aug.blur:
-            mixed_img = gaussian_blur(mixed_img, aug.sigma_B)
+        chosen = chosen_classes(gt, d.class_keys)
+        aug = d.strong
+        mixed_img, mixed_lbl, mixed_w, mask = mix_and_jitter(img, tgt, gt, pl, pw, chosen, aug.jitter_params,
+                                                             self.mean, self.std)  # fmt: skip
+        # The switches select (exactly) between the jittered/blurred and the plain image: no branch on a draw.
+        mixed_img = torch.where(aug.jitter, mixed_img, mix(mask, img, tgt))
+        mixed_img = torch.where(aug.blur, gaussian_blur(mixed_img, aug.sigma_B), mixed_img)
         mixed = (mixed_img, mixed_lbl, mixed_w, mask)
-        loss_mix, loss_mic, panels = self._mixed_and_masked(gen, img, gt, tgt, pl, pw, mixed, fd_mask, debug)
+        loss_mix, loss_mic, panels = self._mixed_and_masked(d, img, gt, tgt, pl, pw, mixed, fd_mask, debug)
         return self._finish(loss_src, loss_fd, loss_mix, loss_mic, pw.amax(), panels)
 
-    def dacs_step_original(self, batch: dict[str, torch.Tensor], t: int, debug: bool = False) -> dict:
+    def dacs_step_original(self, batch: dict[str, torch.Tensor], d: StepDraws, debug: bool = False) -> dict:
         """The same iteration in the original's order: three backward passes (four with MIC), per-sample loops,
-        host reads."""
-        gen = self._begin(t)
-        self._update_teachers(t)
+        host reads; from the same (CPU) draws."""
+        self._update_teachers(d)
         img, tgt = self._images(batch, "img"), self._images(batch, "target_img")
         gt = batch["gt"].to(self.device)
 
@@ -291,17 +349,17 @@ class UDAStep:
         with self._autocast():
             pl, pw = self._pseudo_labels(tgt)
         q = pw.amax().item()  # the original reads the confident fraction back as a Python float
-        masks = class_masks_original(gt, gen)
+        masks = class_masks_original(gt, d.class_keys)
         mixed = [mix(masks[i : i + 1], img[i : i + 1], tgt[i : i + 1]) for i in range(img.shape[0])]
-        mixed_img = strong_transform_original(torch.cat(mixed), self.mean, self.std, gen, self.uda)
+        mixed_img = apply_strong(torch.cat(mixed), self.mean, self.std, d.strong, original=True)
         mixed_lbl = torch.cat([mix(masks[i : i + 1], gt[i : i + 1], pl[i : i + 1]) for i in range(img.shape[0])])
         mixed_w = torch.cat([mix(masks[i : i + 1], torch.ones_like(pw[i : i + 1]), pw[i : i + 1])
                              for i in range(img.shape[0])])  # fmt: skip
         mixed = (mixed_img, mixed_lbl, mixed_w, masks)
-        loss_mix, loss_mic, panels = self._mixed_and_masked(gen, img, gt, tgt, pl, pw, mixed, fd_mask, debug)
+        loss_mix, loss_mic, panels = self._mixed_and_masked(d, img, gt, tgt, pl, pw, mixed, fd_mask, debug)
         return self._finish(loss_src, loss_fd, loss_mix, loss_mic, torch.tensor(q), panels)
 
-    def _mixed_and_masked(self, gen, img, gt, tgt, pl, pw, mixed, fd_mask, debug: bool):
+    def _mixed_and_masked(self, d: StepDraws, img, gt, tgt, pl, pw, mixed, fd_mask, debug: bool):
         """The mixed loss and its backward, then MIC's masked pass (when on) on the unmixed pseudo-labels and
         weights (mixing wrote new tensors); returns (loss_mix, loss_mic or None, debug panels or None)."""
         mixed_img, mixed_lbl, mixed_w, mask = mixed
@@ -312,7 +370,7 @@ class UDAStep:
             loss_mix.backward()
         panels = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
                       mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask) if debug else None  # fmt: skip
-        loss_mic = self._mic_pass(gen, img, gt, tgt, pl, pw, panels) if self.mic else None
+        loss_mic = self._mic_pass(d, img, gt, tgt, pl, pw, panels) if self.mic else None
         return loss_mix, loss_mic, panels
 
     def _finish(self, loss_src, loss_fd, loss_mix, loss_mic, pseudo_weight, panels) -> dict[str, torch.Tensor]:

@@ -29,13 +29,15 @@ from daformer_fast.ops.augment import (
 )
 from daformer_fast.ops.classmix_aug import gaussian_blur, gaussian_blur_ref, masks_from_chosen, mix, mix_and_jitter
 from daformer_fast.uda.augment import (
+    apply_strong,
     color_jitter_original,
     draw_strong_params,
     gaussian_blur_original,
+    strong_on_device,
     strong_transform_original,
 )
-from daformer_fast.uda.classmix import chosen_classes, class_masks_original
-from daformer_fast.uda.ema import ema_weight, update_ema
+from daformer_fast.uda.classmix import chosen_classes, class_masks_original, draw_class_keys
+from daformer_fast.uda.ema import ema_weight, ema_weights, update_ema
 from daformer_fast.uda.fdist import downscale_label_ratio, feature_distance
 from daformer_fast.uda.losses import acc_seg, seg_ce_loss
 from daformer_fast.uda.pseudo_label import pseudo_label
@@ -62,25 +64,32 @@ def test_ema_weight(t, expected):
 def test_update_ema_tiny():
     teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[-4.0]])]
     student = [torch.tensor([3.0, 4.0]), torch.tensor([[8.0]])]
-    update_ema(teacher, student, t=0, alpha=0.999)  # copy
+    update_ema(teacher, student, ema_weights(0, 0.999))  # copy
     assert torch.equal(teacher[0], student[0]) and torch.equal(teacher[1], student[1])
     teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[-4.0]])]
-    update_ema(teacher, student, t=1, alpha=0.999)  # a = 0.5
+    update_ema(teacher, student, ema_weights(1, 0.999))  # a = 0.5
     torch.testing.assert_close(teacher[0], torch.tensor([2.0, 3.0]))
     torch.testing.assert_close(teacher[1], torch.tensor([[2.0]]))
-    update_ema(teacher, student, t=9, alpha=0.999)  # a = 0.9: 0.9·2 + 0.1·3
+    update_ema(teacher, student, ema_weights(9, 0.999))  # a = 0.9: 0.9·2 + 0.1·3
     torch.testing.assert_close(teacher[0], torch.tensor([2.1, 3.1]))
-    update_ema(teacher, student, t=5000, alpha=0.999)
+    update_ema(teacher, student, ema_weights(5000, 0.999))
     torch.testing.assert_close(teacher[0], torch.tensor([0.999 * 2.1 + 0.001 * 3, 0.999 * 3.1 + 0.001 * 4]))
+    # The original's three roundings in float32: a·θ_T and (1 − a)·θ_S each rounded, then their sum.
+    t32, s32 = torch.tensor([2.1, -1e-3, 7.25]), torch.tensor([3.0, 5e-4, -1.5])
+    a, b = torch.tensor(0.999, dtype=torch.float64).float(), torch.tensor(1 - 0.999, dtype=torch.float64).float()
+    expected = (a * t32) + (b * s32)
+    update_ema([t32], [s32], ema_weights(5000, 0.999))
+    assert torch.equal(t32, expected)
+    assert ema_weights(0, 0.999) is None
     with pytest.raises(ValueError):
-        update_ema(teacher, student[:1], t=1, alpha=0.999)
+        update_ema(teacher, student[:1], ema_weights(1, 0.999))
 
 
 def test_update_ema_parameters_only():
     student = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
     teacher = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
     student.train()(torch.randn(4, 2, 5, 5))  # student BN stats move away from the teacher's
-    update_ema(teacher.parameters(), student.parameters(), t=0, alpha=0.999)
+    update_ema(teacher.parameters(), student.parameters(), ema_weights(0, 0.999))
     for pt, ps in zip(teacher.parameters(), student.parameters(), strict=True):
         assert torch.equal(pt, ps) and pt.requires_grad  # in place, leaf stays a leaf
     assert torch.equal(teacher[1].running_mean, torch.zeros(3))
@@ -214,7 +223,7 @@ def test_pseudo_label_upsamples_before_softmax():
 
 def class_masks(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """The fast step's ClassMix masks: the batched class choice looked up at every pixel."""
-    return masks_from_chosen(labels, chosen_classes(labels, generator))
+    return masks_from_chosen(labels, chosen_classes(labels, draw_class_keys(labels.shape[0], generator)))
 
 
 def _chosen_sets(labels, mask):
@@ -272,7 +281,8 @@ def test_classmix_original_equals_batched(seed):
     labels = torch.randint(0, 19, (4, 8, 8), generator=g)
     labels[labels > 15] = 255
     labels[2] = 7  # a sample with a single class
-    assert torch.equal(class_masks(labels, _gen(seed)), class_masks_original(labels, _gen(seed)))
+    keys = draw_class_keys(4, _gen(seed))
+    assert torch.equal(class_masks(labels, _gen(seed)), class_masks_original(labels, keys))
 
 
 def test_mix_images_labels_weights():
@@ -489,13 +499,13 @@ def test_fast_mixed_batch_equals_original_order():
     pw = torch.rand(2, 12, 14, generator=g)
     for (jitter, blur), seed in cases.items():
         g = _gen(seed)
-        chosen = chosen_classes(gt, g)
+        chosen = chosen_classes(gt, draw_class_keys(2, g))
         aug = draw_strong_params(2, g, cfg)
         fast = mix_and_jitter(img, tgt, gt, pl, pw, chosen, aug.jitter_params if aug.jitter else None, MEAN, STD)
         if aug.blur:
             fast = (gaussian_blur(fast[0], aug.sigma_B), *fast[1:])
         g = _gen(seed)
-        masks = class_masks_original(gt, g)
+        masks = class_masks_original(gt, draw_class_keys(2, g))
 
         def per_sample(a, b):
             return torch.cat([mix(masks[i : i + 1], a[i : i + 1], b[i : i + 1]) for i in range(2)])
@@ -508,6 +518,10 @@ def test_fast_mixed_batch_equals_original_order():
             torch.testing.assert_close(fast[0], original[0], atol=1e-5, rtol=1e-5)
         else:
             assert torch.equal(fast[0], original[0]), (jitter, blur)
+        # The step's select form (switches as device flags, both ops always run) gives the branchy form's values
+        # bit for bit, in each case.
+        plain = mix(masks, img, tgt)
+        assert torch.equal(apply_strong(plain, MEAN, STD, strong_on_device(aug, "cpu")), fast[0]), (jitter, blur)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def _inv_std(device: torch.device) -> torch.Tensor:
     return torch.tensor([1.0 / s for s in IMAGENET_STD], dtype=torch.float64).float().view(1, 3, 1, 1).to(device)
 
 
-def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -> torch.Tensor:
+def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None, host_check: bool = True) -> torch.Tensor:
     """uint8 RGB batch → contiguous float32 (x − mean) · (1/std) with the ImageNet statistics, on its device.
 
     mmcv's Normalize multiplies by the reciprocal (float64, rounded to float32) rather than dividing by std; so
@@ -75,6 +75,9 @@ def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -
         valid_hw_B2: the matching `valid_hw` / `target_valid_hw`: per sample, the (h, w) of real pixels. Pixels
             below or right of it are padding and come out exactly 0, as in the original, which pads the
             normalised image with 0. None: no padding.
+        host_check: skip the masking when a CPU `valid_hw_B2` says nothing is padded (a host-side test). The fast
+            step's device part passes False: it masks always (an exact no-op where nothing is padded), so its ops
+            do not depend on the batch's values.
     """
     mean, _ = _norm_stats(img_B3HW.device)
     out = ((img_B3HW.float() - mean) * _inv_std(img_B3HW.device)).contiguous()
@@ -82,7 +85,7 @@ def normalize(img_B3HW: torch.Tensor, valid_hw_B2: torch.Tensor | None = None) -
         return out
     H, W = out.shape[-2:]
     # Host-side check on a CPU tensor (no device sync): at the paper's scales nothing is ever padded.
-    if valid_hw_B2.device.type == "cpu" and bool((valid_hw_B2 >= torch.tensor([H, W])).all()):
+    if host_check and valid_hw_B2.device.type == "cpu" and bool((valid_hw_B2 >= torch.tensor([H, W])).all()):
         return out
     valid_hw = to_device(valid_hw_B2, out.device)
     rows_BHW = torch.arange(H, device=out.device).view(1, H, 1) < valid_hw[:, 0].view(-1, 1, 1)

@@ -38,14 +38,14 @@ from daformer_fast.ops.classmix_aug import gaussian_blur
 from daformer_fast.utils import to_device
 
 __all__ = ["StrongParams", "apply_strong", "color_jitter_original", "draw_strong_params", "gaussian_blur_original",
-           "strong_transform_original"]  # fmt: skip
+           "strong_on_device", "strong_transform_original"]  # fmt: skip
 
 
 class StrongParams(NamedTuple):
-    jitter: bool
-    """Batch-shared switch: apply colour jitter."""
-    blur: bool
-    """Batch-shared switch: apply Gaussian blur."""
+    jitter: bool | torch.Tensor
+    """Batch-shared switch: apply colour jitter (a 0-dim bool tensor after `strong_on_device`)."""
+    blur: bool | torch.Tensor
+    """Batch-shared switch: apply Gaussian blur (likewise)."""
     jitter_params: JitterParams
     sigma_B: torch.Tensor
 
@@ -74,6 +74,15 @@ def draw_strong_params(batch_size: int, generator: torch.Generator, cfg: UDAConf
         jitter_params=jitter_params,
         sigma_B=sigma_B,
     )
+
+
+def strong_on_device(params: StrongParams, device: torch.device | str) -> StrongParams:
+    """The draws on `device`, the switches as 0-dim bool tensors: the form the fast step's `apply_strong` reads, so
+    that its ops do not depend on the switches (the same kernels every iteration, as CUDA-graph replay needs)."""
+    flag = lambda b: to_device(torch.tensor(bool(b)), device)  # noqa: E731
+    return StrongParams(flag(params.jitter), flag(params.blur),
+                        JitterParams(*(to_device(t, device) for t in params.jitter_params)),
+                        to_device(params.sigma_B, device))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,13 +144,17 @@ def apply_strong(
     params: StrongParams,
     original: bool = False,
 ) -> torch.Tensor:
-    """Colour jitter then blur of a normalised batch by drawn `params` (either switch may be off): with the batched
-    ops (`ops.augment.color_jitter`, the `gaussian_blur` op) or, `original`, the per-sample twins. Returns the input
-    itself when both switches are off."""
-    if params.jitter:
-        jitter_fn = color_jitter_original if original else color_jitter
-        x_B3HW = jitter_normalised(x_B3HW, mean, std, params.jitter_params, jitter_fn)
-    if params.blur:
-        sigma_B = to_device(params.sigma_B, x_B3HW.device)
-        x_B3HW = gaussian_blur_original(x_B3HW, sigma_B) if original else gaussian_blur(x_B3HW, sigma_B)
-    return x_B3HW
+    """Colour jitter then blur of a normalised batch by drawn `params`.
+
+    original: the per-sample twins, each op applied only if its (host) switch is on; returns the input itself when
+    both are off. Otherwise the batched ops (`ops.augment.color_jitter`, the `gaussian_blur` op) run whatever the
+    switches say and `torch.where` keeps their result only where the switch (`strong_on_device`) is on: an exact
+    selection, so the values equal applying only the enabled ops, with no branch on a drawn value."""
+    if original:
+        if params.jitter:
+            x_B3HW = jitter_normalised(x_B3HW, mean, std, params.jitter_params, color_jitter_original)
+        if params.blur:
+            x_B3HW = gaussian_blur_original(x_B3HW, to_device(params.sigma_B, x_B3HW.device))
+        return x_B3HW
+    x_B3HW = torch.where(params.jitter, jitter_normalised(x_B3HW, mean, std, params.jitter_params), x_B3HW)
+    return torch.where(params.blur, gaussian_blur(x_B3HW, params.sigma_B), x_B3HW)

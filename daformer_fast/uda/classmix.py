@@ -13,7 +13,7 @@ selects a uniformly random k-subset of K — the distribution of `np.random.choi
 `chosen_classes` returns that choice as a (B, 256) table; the op `ops.classmix_aug.mix_and_jitter` looks it up at
 every pixel (`ops.classmix_aug.masks_from_chosen`) and mixes. `class_masks_original` consumes the same keys but
 follows the original's per-sample order (unique, choose, compare), so both give identical masks for the same
-generator state.
+keys.
 
 Shape legend: B batch, H/W crop resolution, V = 256 possible label values.
 """
@@ -24,7 +24,6 @@ import math
 
 import torch
 
-from daformer_fast.utils import to_device
 
 __all__ = ["chosen_classes", "class_masks_original", "draw_class_keys"]
 
@@ -40,19 +39,18 @@ def draw_class_keys(batch_size: int, generator: torch.Generator) -> torch.Tensor
     return torch.rand(batch_size, NUM_VALUES, generator=generator, dtype=torch.float64)
 
 
-def chosen_classes(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def chosen_classes(labels_BHW: torch.Tensor, keys_BV: torch.Tensor) -> torch.Tensor:
     """Batched, sync-free ClassMix choice: which of the 256 label values get pasted for each sample.
 
     Args:
         labels_BHW: source labels, integer values in [0, 256) (255 = ignore).
-        generator: CPU generator for the class choice.
+        keys_BV: `draw_class_keys` of the step, on the labels' device.
 
     Returns:
         chosen_BV: bool, True for the k = ceil(|K|/2) values of the batch's classes K chosen for sample i.
     """
     B = labels_BHW.shape[0]
     device = labels_BHW.device
-    keys_BV = to_device(draw_class_keys(B, generator), device)
     present_V = torch.zeros(NUM_VALUES, dtype=torch.bool, device=device)
     present_V.scatter_(0, labels_BHW.reshape(-1).long(), True)
     num_present = present_V.sum()
@@ -65,14 +63,14 @@ def chosen_classes(labels_BHW: torch.Tensor, generator: torch.Generator) -> torc
     return rank_BV < k
 
 
-def class_masks_original(labels_BHW: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def class_masks_original(labels_BHW: torch.Tensor, keys_BV: torch.Tensor) -> torch.Tensor:
     """The original's per-sample order (`torch.unique` of the batch, choose, compare), on the same random keys:
     bool masks (B, 1, H, W).
 
     Host-syncing and looping over the batch by design: it is the definition `chosen_classes` is tested against.
     """
     B = labels_BHW.shape[0]
-    keys_BV = draw_class_keys(B, generator)
+    keys_BV = keys_BV.cpu()
     classes = torch.unique(labels_BHW)  # sorted union over the whole batch, 255 included
     n = classes.numel()
     k = math.ceil(n / 2)

@@ -6,7 +6,10 @@ averages buffers, so the teacher's BatchNorm running statistics come from its ow
 changing that would be a method change, not a speed-up.
 
 The update runs as multi-tensor `torch._foreach_*` ops (one launch per op for all parameters) instead of the
-reference's per-parameter Python loop; `t` is a host int, so nothing here synchronises with the device.
+original's per-parameter Python loop, with the original's three roundings (a·θ_T, (1 − a)·θ_S, their sum; DACS
+`_update_ema` writes `alpha * ema + (1 - alpha) * param`). The weights a and 1 − a are computed on the host in float64
+(`ema_weights`) and read by the device ops from a tensor, so the update of every iteration is the same kernels on
+different data: nothing synchronises with the device, and a captured CUDA graph replays it (`daformer_fast.graphs`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["ema_weight", "update_ema"]
+__all__ = ["ema_weight", "ema_weights", "update_ema"]
 
 
 def ema_weight(t: int, alpha: float) -> float:
@@ -29,20 +32,27 @@ def ema_weight(t: int, alpha: float) -> float:
     return min(1.0 - 1.0 / (t + 1), alpha)
 
 
+def ema_weights(t: int, alpha: float) -> torch.Tensor | None:
+    """[a, 1 − a] of iteration t as a float32 CPU tensor (each rounded once from float64, as the original's Python
+    floats are when they scale a float32 tensor), or None at t = 0, where the teacher becomes a copy."""
+    if t == 0:
+        return None
+    a = ema_weight(t, alpha)
+    return torch.tensor([a, 1.0 - a], dtype=torch.float64).float()
+
+
 @torch.no_grad()
 def update_ema(
     teacher_params: Iterable[torch.Tensor],
     student_params: Iterable[torch.Tensor],
-    t: int,
-    alpha: float,
+    weights: torch.Tensor | None,
 ) -> None:
     """In-place EMA of the teacher parameters toward the student's, in matching enumeration order.
 
     Args:
         teacher_params: teacher parameters (e.g. `teacher.parameters()`), updated in place.
         student_params: student parameters in the same order and with the same shapes.
-        t: 0-based iteration index; t = 0 copies the student into the teacher.
-        alpha: EMA momentum (0.999 in the paper).
+        weights: `ema_weights(t, alpha)` on the parameters' device; None copies the student (t = 0).
     """
     teacher: Sequence[torch.Tensor] = list(teacher_params)
     student: Sequence[torch.Tensor] = list(student_params)
@@ -54,11 +64,9 @@ def update_ema(
     # must not see these reads.
     teacher = [p.detach() for p in teacher]
     student = [p.detach() for p in student]
-    if t == 0:
+    if weights is None:
         # An exact copy (not 0·θ_T + 1·θ_S), so an uninitialised or non-finite teacher cannot leak through.
         torch._foreach_copy_(teacher, student)
         return
-    a = ema_weight(t, alpha)
-    # Same two-term form as the original (a·θ_T + (1 − a)·θ_S) rather than lerp, to stay within an ulp of it.
-    torch._foreach_mul_(teacher, a)
-    torch._foreach_add_(teacher, student, alpha=1.0 - a)
+    torch._foreach_mul_(teacher, weights[0])
+    torch._foreach_add_(teacher, torch._foreach_mul(student, weights[1]))

@@ -36,8 +36,23 @@ def lr_at(t: int, lr0: float, cfg: ScheduleConfig, max_iters: int) -> float:
 
 def set_lrs(optimizer: torch.optim.Optimizer, t: int, cfg: ScheduleConfig, max_iters: int) -> None:
     """Set every param group's lr for iteration t from its `initial_lr` (call before the step, as mmcv's
-    `before_train_iter` does)."""
+    `before_train_iter` does).
+
+    A fused optimizer keeps each lr in a float32 tensor on its parameters' device, written in place (a fill kernel,
+    no synchronisation): the update kernels then read it from memory, so the same kernels serve every iteration and
+    a captured CUDA graph replays with the current lr. A float lr is rebuilt as such a tensor (the first step, or
+    after `load_state_dict` brought a CPU copy back)."""
+    fused = bool(optimizer.defaults.get("fused"))
     for group in optimizer.param_groups:
         if "initial_lr" not in group:
             raise ValueError("param group has no 'initial_lr'; build groups with models.segmentor.param_groups")
-        group["lr"] = lr_at(t, group["initial_lr"], cfg, max_iters)
+        lr = lr_at(t, group["initial_lr"], cfg, max_iters)
+        if not fused:
+            group["lr"] = lr
+            continue
+        device = group["params"][0].device
+        current = group["lr"]
+        if isinstance(current, torch.Tensor) and current.device == device and current.dtype == torch.float32:
+            current.fill_(lr)
+        else:
+            group["lr"] = torch.full((), lr, dtype=torch.float32, device=device)
