@@ -130,9 +130,12 @@ def test_segmentor_logits_at_stride_4(decoder):
 
 
 def test_segformer_head_width_and_keys():
+    """The head as DAFormer's code defines it: `linear_c` is a ModuleDict keyed "0".."3" (NVlabs' `linear_c1..4`
+    and its reversed [c4..c1] concatenation are gone; docs/architectures.md §2.5), so F4's embedding is
+    `linear_c.3`."""
     m = build_segmentor(ModelConfig(backbone="mit_b2", decoder="segformer"))
     sd = m.decode_head.state_dict()
-    assert sd["linear_c4.proj.weight"].shape == (768, 512)
+    assert sd["linear_c.3.proj.weight"].shape == (768, 512)
     assert sd["linear_fuse.conv.weight"].shape == (768, 3072, 1, 1)
     assert sd["linear_pred.weight"].shape == (19, 768, 1, 1)
     m0 = build_segmentor(ModelConfig(backbone="mit_b0", decoder="segformer"))

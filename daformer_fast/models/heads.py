@@ -3,11 +3,13 @@
 DAFormer head: every stage map is embedded to 256 channels by one Linear layer, upsampled to stride 4, concatenated
 (all four levels), and fused by a context-aware ASPP over the concatenation (depthwise-separable 3×3 branches with
 dilations 6/12/18 plus a 1×1 branch, no image pooling), then a 3×3 bottleneck, Dropout2d and a 1×1 classifier.
-Ablations: `daformer_conv1` (a 1×1 ConvModule fusion) and `daformer_aspp` (regular, non-separable dilated convs).
+Ablations (Table 7): `daformer_conv1` (a 1×1 ConvModule fusion), `daformer_aspp` (regular, non-separable dilated
+convs), `daformer_isa` (ISA fusion) and `daformer_sepaspp_bottleneck` (separable ASPP on F4 only, 1×1 fusion).
 
 Module and key names follow the official checkpoints (`embed_layers.{i}.proj`, `fuse_layer.aspp_modules...`,
-`fuse_layer.bottleneck`, `conv_seg`; ConvModule = `conv` + `bn`). Every head returns logits at stride 4;
-upsampling to the label size belongs to the consumers (loss, pseudo-labelling, inference).
+`fuse_layer.bottleneck`, `conv_seg`, SegFormer's `linear_c.{i}.proj`; ConvModule = `conv` + `bn`). Every head
+returns logits at stride 4; upsampling to the label size belongs to the consumers (loss, pseudo-labelling,
+inference).
 
 Legend: B batch, C channels, E embedding channels, K classes, h/w stride-4 size.
 """
@@ -122,6 +124,17 @@ def init_conv_modules(module: nn.Module) -> None:
 
 
 class DAFormerHead(nn.Module):
+    """The DAFormer head and its Table-7 fusion variants (docs/architectures.md §2.8): each level embedded to
+    `channels` (a Linear `proj`), levels whose size differs from F1's upsampled to it, concatenated [e1..e4] and
+    fused, then Dropout2d and `conv_seg`.
+
+    fusion: "sepaspp" (final: separable ASPP over the concatenation), "aspp" (regular dilated convs), "conv1" (a
+    1×1 ConvModule), "isa" (an interlaced sparse self-attention layer: 1×1 `in_conv`, one-conv key/query projections,
+    no residual concat), "sepaspp_bottleneck" (context only at F4: `embed_layers.3` = a plain 1×1 conv then a
+    separable ASPP on `channels`, fused by a 1×1 ConvModule; the segmentor's neck hands F4 in already upsampled to
+    stride 4, so it is not resized here).
+    """
+
     def __init__(
         self,
         in_channels: tuple[int, ...],
@@ -131,22 +144,36 @@ class DAFormerHead(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.embed_layers = nn.ModuleList([MLP(c, channels) for c in in_channels])
+        embeds: list[nn.Module] = [MLP(c, channels) for c in in_channels]
+        if fusion == "sepaspp_bottleneck":
+            # The original's "rawconv_and_aspp" embedding: a bare Conv2d (bias, PyTorch's default init), then ASPP.
+            context = ASPPWrapper(channels, channels, (1, 6, 12, 18), separable=True)
+            embeds[-1] = nn.Sequential(nn.Conv2d(in_channels[-1], channels, 1), context)
+        self.embed_layers = nn.ModuleList(embeds)
         cat = channels * len(in_channels)
         if fusion == "sepaspp":
             self.fuse_layer: nn.Module = ASPPWrapper(cat, channels, (1, 6, 12, 18), separable=True)
         elif fusion == "aspp":
             self.fuse_layer = ASPPWrapper(cat, channels, (1, 6, 12, 18), separable=False)
-        elif fusion == "conv1":
+        elif fusion in ("conv1", "sepaspp_bottleneck"):
             self.fuse_layer = ConvModule(cat, channels, 1)
+        elif fusion == "isa":
+            # Imported here: attention_heads builds on this module's ConvModule.
+            from daformer_fast.models.attention_heads import ISALayer
+
+            # isa_channels 256 and down factor (8, 8) are the original config's constants.
+            self.fuse_layer = ISALayer(cat, channels, 256, (8, 8), key_query_convs=1, in_kernel=1)
         else:
-            raise ValueError(f"unknown DAFormer fusion {fusion!r}; expected sepaspp, aspp or conv1")
+            raise ValueError(
+                f"unknown DAFormer fusion {fusion!r}; expected sepaspp, aspp, conv1, isa or sepaspp_bottleneck"
+            )
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.init_weights()
 
     def init_weights(self) -> None:
-        # Embedding Linear layers keep PyTorch's default init (as the original); the classifier is N(0, 0.01).
+        # Embedding Linear layers (and the context-at-F4 bare conv) keep PyTorch's default init, as the original;
+        # the classifier is N(0, 0.01).
         init_conv_modules(self)
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
         nn.init.zeros_(self.conv_seg.bias)
@@ -164,30 +191,39 @@ class DAFormerHead(nn.Module):
 
 
 class SegFormerHead(nn.Module):
-    """SegFormer's all-MLP decoder: embed each level, upsample to stride 4, concat [c4, c3, c2, c1], 1×1 fuse."""
+    """SegFormer's all-MLP decoder as DAFormer's code defines it (docs/architectures.md §2.5): each level embedded
+    to E = `channels` by `linear_c["i"]` (a Linear `proj`), levels 1..3 upsampled to F1's size, concatenated in
+    ascending order [c1, c2, c3, c4], a 1×1 ConvModule `linear_fuse`, Dropout2d, and `linear_pred`.
+
+    Two quirks of the original kept: `linear_pred` keeps PyTorch's default Conv2d init (the head's N(0, 0.01)
+    override names `conv_seg`), and that `conv_seg` (128→K, the config's `channels=128`) exists but is never used.
+    """
 
     def __init__(self, in_channels: tuple[int, ...], num_classes: int, channels: int, dropout: float = 0.1) -> None:
         super().__init__()
-        for i, c in enumerate(in_channels):
-            setattr(self, f"linear_c{i + 1}", MLP(c, channels))
-        self.num_levels = len(in_channels)
-        self.linear_fuse = ConvModule(channels * len(in_channels), channels, 1)
+        self.conv_seg = nn.Conv2d(128, num_classes, 1)
+        # Frozen, so that DDP without find_unused_parameters (the original needs find_unused_parameters=True for
+        # this layer) and the optimizer meet no parameter that never gets a gradient. The update is the original's:
+        # torch's AdamW skips parameters whose grad is None, weight decay included, so the dead layer never moved.
+        self.conv_seg.requires_grad_(False)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.linear_c = nn.ModuleDict({str(i): MLP(c, channels) for i, c in enumerate(in_channels)})
+        self.linear_fuse = ConvModule(channels * len(in_channels), channels, 1)
         self.linear_pred = nn.Conv2d(channels, num_classes, 1)
         self.init_weights()
 
     def init_weights(self) -> None:
+        # The dead conv_seg gets the N(0, 0.01) override; the live linear_pred keeps PyTorch's default.
         init_conv_modules(self)
-        nn.init.normal_(self.linear_pred.weight, 0.0, 0.01)
-        nn.init.zeros_(self.linear_pred.bias)
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         size = feats[0].shape[-2:]
         embeds = []
-        for i in reversed(range(self.num_levels)):  # SegFormer concatenates the deepest level first
-            e = getattr(self, f"linear_c{i + 1}")(feats[i])
-            if e.shape[-2:] != size:
+        for i, x in enumerate(feats):  # ascending: [c1, c2, c3, c4]
+            e = self.linear_c[str(i)](x)
+            if e.shape[-2:] != size:  # the original resizes every level but the first; same-size resize is exact
                 e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
             embeds.append(e)
         return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(embeds, dim=1))))
-
