@@ -1,5 +1,5 @@
 """DANet, ISANet, the DAFormer head's ISA and context-only-at-F4 fusions, and the SegFormer head as DAFormer defines it:
-key tables, parameter counts and init against docs/architectures.md §2.3–§2.5, §2.8 and §4; forwards against a
+key tables, parameter counts and init against docs/architectures.md §0, §2.3–§2.5 and §2.8; forwards against a
 plain-PyTorch functional re-statement written here (explicit bmm for PAM/CAM, explicit per-group loops for ISA's
 interlaced partition), in float64 and eval mode with randomised BatchNorm statistics."""
 
@@ -136,7 +136,7 @@ def test_segformer_head_key_table_and_counts():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Init (docs/architectures.md §4)
+# Init (docs/architectures.md §0 and the head sections)
 
 
 def _assert_kaiming_fan_out(w: torch.Tensor, tol: float = 0.03):

@@ -9,7 +9,7 @@ sparse self-attention layer (`ISALayer`) that the DAFormer head's ISA fusion reu
 Module and key names are the original's (`pam.gamma.scale`, `global_relation.key_project.0.conv`, ...), so its
 checkpoints load as they are. Every ConvModule is Kaiming-initialised, `conv_seg` N(0, 0.01); every plain Conv2d
 (PAM projections, ISA value projections, DANet's auxiliary classifiers) keeps PyTorch's default init
-(docs/architectures.md §4).
+(docs/architectures.md §0, §2.3, §2.4).
 
 Legend: B batch, C channels, N/L query/key tokens, K classes, h/w map size, G groups per axis, S group size (the
 down factor).

@@ -27,7 +27,7 @@ __all__ = ["ConvModule", "DAFormerHead", "DepthwiseSeparableConvModule", "SegFor
 
 class ConvModule(nn.Module):
     """mmcv's ConvModule: Conv2d → BatchNorm (`bn`) → ReLU (`activate`), in that order, named as the official
-    checkpoints name them (docs/architectures.md §0.1).
+    checkpoints name them (docs/architectures.md §0).
 
     norm=False is the original's `norm_cfg=None` (the `_nodbn` decoders): no `bn`, and the conv gets a bias (mmcv's
     bias='auto' rule: a bias exactly when there is no norm). act=False drops the ReLU. Padding defaults to
@@ -112,7 +112,7 @@ class ASPPWrapper(nn.Module):
 
 def init_conv_modules(module: nn.Module) -> None:
     """mmcv ConvModule init: Kaiming-normal (fan_out, ReLU; groups not divided out), conv bias 0, BN weight 1 /
-    bias 0 (docs/architectures.md §4)."""
+    bias 0 (docs/architectures.md §0)."""
     for m in module.modules():
         if isinstance(m, ConvModule):
             nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
