@@ -306,9 +306,16 @@ class TrainConfig:
     Ampere and newer; the original ran fp32 on pre-Ampere GPUs). tf32 = fp32 storage with TF32 tensor-core matmuls
     and convolutions on CUDA. bf16 = bfloat16 autocast around the step's forward passes and losses (and evaluation
     on CUDA). The recipe trains in fp32; tf32 and bf16 are recipe changes (docs/recipe.md §1.2, §8b)."""
-    compile: bool = False
-    """Compile the student, the teacher and the ImageNet encoder in place (`nn.Module.compile`, in
-    `daformer_fast.build.build_training`), on either path."""
+    compile: Literal["off", "regional", "full"] = "off"
+    """torch.compile of the networks (`daformer_fast.build.build_training`), on either path: `full` compiles the
+    student, the teachers and the ImageNet encoder whole, in place; `regional` compiles each repeated unit once per
+    distinct shape (every encoder block and patch embedding, the decode head), so MiT-B5's 52 blocks are not unrolled
+    into one graph and the teacher and ImageNet copies reuse the compiled code. Off by default until a GPU has timed
+    it. YAML booleans are accepted: false = off, true = full."""
+    cuda_graphs: bool = False
+    """Capture the fast iteration in a CUDA graph and replay it (`daformer_fast.graphs`): checked at first use against
+    eager iterations from the same state, with one logged reason and an eager fallback on a mismatch or capture
+    error; without CUDA (or under DistributedDataParallel, not supported yet) a logged reason and eager steps."""
     deterministic: bool = False
     """Call `torch.use_deterministic_algorithms(True)` at the start of training (ops without a deterministic
     implementation then raise). The recipe runs non-deterministic (docs/recipe.md §1.2, §2.10)."""
@@ -369,6 +376,9 @@ class Config:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self.train, name)}")
         if self.data.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
+        if self.train.cuda_graphs and self.train.path != "fast":
+            raise ConfigError("train.cuda_graphs captures the fast step; train.path original runs the original's "
+                              "host-syncing order, which cannot be captured")  # fmt: skip
         mic = self.uda.mic
         if mic.mode is not None:
             if self.uda.mode != "dacs":
@@ -419,6 +429,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build(tp, value, key + ".")
     if origin is Literal:
+        if isinstance(value, bool) and "off" in args and "full" in args:
+            value = "full" if value else "off"  # YAML reads off/on/true/false as booleans; true was "full" before
         if value not in args:
             raise ConfigError(f"{key}: expected one of {', '.join(repr(a) for a in args)}; got {value!r}")
         return value

@@ -155,6 +155,8 @@ class UDAStep:
         self.teacher, self.imnet, self.mic_teacher = teacher, imnet, mic_teacher
         self.mic = uda.mic if uda.mode == "dacs" and uda.mic.mode is not None else None
         self.mean, self.std = _norm_stats(device)
+        classes = uda.fd_classes
+        self.fd_classes = None if classes is None else torch.tensor(list(classes), dtype=torch.int64, device=device)
         self.bf16 = train.precision == "bf16"
 
     # ---------------------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ class UDAStep:
         with torch.no_grad():
             feat_imnet = self.imnet(img)[-1]
         dist, mask = feature_distance(
-            feat_student, feat_imnet, gt, self.uda.fd_classes, self.uda.fd_scale_min_ratio,
+            feat_student, feat_imnet, gt, self.fd_classes, self.uda.fd_scale_min_ratio,
             self.num_classes,
         )  # fmt: skip
         return self.uda.fd_lambda * dist, mask

@@ -69,7 +69,7 @@ def test_overrides_apply_last_and_parse_values(tmp_path):
                           "uda.fd_classes=none", "train.compile=true", "optim.weight_decay=0"])  # fmt: skip
     assert cfg.model.backbone == "mit_b0" and cfg.data.crop == (64, 64)
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.weight_decay, float)
-    assert cfg.model.pretrained is None and cfg.uda.fd_classes is None and cfg.train.compile is True
+    assert cfg.model.pretrained is None and cfg.uda.fd_classes is None and cfg.train.compile == "full"
 
 
 def test_unknown_key_suggests_nearest():
@@ -87,7 +87,9 @@ def test_unknown_key_suggests_nearest():
         ("model.backbone=mit_b9", "model.backbone: expected one of"),
         ("train.max_iters=ten", "train.max_iters: expected int"),
         ("train.max_iters=1.5", "train.max_iters: expected int"),
-        ("train.compile=1", "train.compile: expected bool"),
+        ("train.compile=1", "train.compile: expected one of 'off', 'regional', 'full'"),
+        ("train.cuda_graphs=3", "train.cuda_graphs: expected bool"),
+        ("train.cuda_graphs=true train.path=original", "train.cuda_graphs captures the fast step"),
         ("data.crop=[64]", "data.crop: expected 2 values"),
         ("optim.lr=fast", "optim.lr: expected float"),
         ("optim.lr=true", "optim.lr: expected float"),
@@ -98,7 +100,7 @@ def test_unknown_key_suggests_nearest():
 )
 def test_type_errors_are_short_and_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:
-        parse_config(overrides=[override])
+        parse_config(overrides=override.split())
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 

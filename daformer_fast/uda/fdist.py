@@ -67,7 +67,7 @@ def feature_distance(
     feat_student_BChw: torch.Tensor,
     feat_imnet_BChw: torch.Tensor,
     gt_BHW: torch.Tensor,
-    classes: Sequence[int] | None,
+    classes: Sequence[int] | torch.Tensor | None,
     scale_min_ratio: float,
     n_classes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,8 @@ def feature_distance(
         feat_student_BChw: student stage-4 features (carries the gradient).
         feat_imnet_BChw: ImageNet-encoder stage-4 features (detached).
         gt_BHW: source labels at full resolution.
-        classes: class ids whose pure cells count (the thing classes); None = every cell (the "FD all" ablation).
+        classes: class ids whose pure cells count (the thing classes), a sequence or a tensor on the labels' device
+            (a captured step must not copy host data per iteration); None = every cell (the "FD all" ablation).
         scale_min_ratio: purity threshold of `downscale_label_ratio`.
         n_classes: number of real classes.
 
@@ -93,7 +94,10 @@ def feature_distance(
         # The original derives the factor from the widths only (label W // feature w).
         scale_factor = gt_BHW.shape[-1] // w
         label_Bhw = downscale_label_ratio(gt_BHW, scale_factor, scale_min_ratio, n_classes)
-        classes_t = to_device(torch.tensor(list(classes), dtype=label_Bhw.dtype), label_Bhw.device)
+        if isinstance(classes, torch.Tensor):  # made once on the device by the caller (the step)
+            classes_t = classes.to(label_Bhw.dtype)
+        else:
+            classes_t = to_device(torch.tensor(list(classes), dtype=label_Bhw.dtype), label_Bhw.device)
         # Brute-force membership, not torch.isin: its sorting path (chosen by a size heuristic) calls unique,
         # a host sync on CUDA.
         mask_Bhw = (label_Bhw.unsqueeze(-1) == classes_t).any(dim=-1)
