@@ -95,13 +95,15 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     name: DatasetName = "cityscapes"
-    """Folder layout of `daformer_fast.data.datasets` (docs/recipe.md §1.7), or `folder` for a custom dataset
+    """Folder layout of `daformer_fast.data.datasets` (docs/recipe.md §1.7; BDD100K and Mapillary Vistas for the
+    domain-generalisation evaluation, docs/architectures.md §4), or `folder` for a custom dataset
     (images/<split>, labels/<split>). A `synthia` source makes the evaluation report mIoU16/mIoU13 (docs/recipe.md
     §5)."""
     root: str = "data/cityscapes"
     """Dataset root folder. For the source with RCS it also holds `sample_class_stats.json` (docs/recipe.md §3.3)."""
     split: str = "train"
-    """Sub-folder for layouts that have splits (cityscapes/acdc/darkzurich/folder); ignored by gta/synthia."""
+    """Sub-folder for layouts that have splits (cityscapes/acdc/darkzurich/bdd100k/mapillary/folder; for mapillary,
+    train/val/test also find Vistas' training/validation/testing folders); ignored by gta/synthia."""
     scale: tuple[int, int] = (1024, 512)
     """Keep-ratio resize target (long side, short side), mmcv rule."""
     img_suffix: str | None = None

@@ -67,3 +67,65 @@ def test_auxiliary_outputs_sum_their_losses():
     expected = sum(one(x) for x in logits)
     torch.testing.assert_close(seg_ce_loss(logits, labels, weight, impl="reference"), expected)
     torch.testing.assert_close(seg_ce_loss(logits[0], labels, weight, impl="reference"), one(logits[0]))
+
+
+# Trainable parameters per (architecture, backbone) of the experiment names, 19 classes: docs/architectures.md §5.
+PARAMS = {
+    ("dlv2red", "r101v1c"): 43_219_846, ("dlv2red", "r50v1c"): 24_227_718, ("dlv2red", "s50"): 26_134_694,
+    ("dlv2red", "s101"): 46_926_470, ("dlv2red", "s200"): 68_852_998, ("dlv2red", "x50-32"): 23_680_358,
+    ("dlv2red", "x101-32"): 42_829_158, ("da_nodbn", "r101v1c"): 66_471_963, ("isa_nodbn", "r101v1c"): 54_330_739,
+    ("dlv3p_nodbn", "r101v1c"): 60_205_955, ("segformer", "mitb5"): 84_610_406, ("segformer", "mitb4"): 64_010_086,
+    ("segformer", "mitb3"): 47_239_526, ("segformer", "r101v1c"): 47_849_478,
+    ("sfa_dlv3p_nodbn", "mitb5-del"): 95_142_115, ("upernet", "mitb5"): 111_087_315,
+    ("upernet_ch256", "mitb5"): 89_777_107, ("daformer_conv1", "mitb5"): 81_973_715,
+    ("daformer_isa", "mitb5"): 82_501_587, ("daformer_sepaspp_bottleneck", "mitb5"): 84_606_163,
+    ("daformer_aspp", "mitb5"): 91_412_947, ("daformer_sepaspp", "mitb5"): 85_155_283,
+}  # fmt: skip
+
+
+def test_every_experiment_network_builds_with_the_original_parameter_count():
+    """Each network the paper's experiment sets name, built from its generated config at full size: the parameter
+    count of the original (the SegFormer head's unused classifier included), and a forward at the head's stride."""
+    from daformer_fast.experiments import build_config, experiment_runs
+    from daformer_fast.models import build_segmentor
+
+    runs = {(r.architecture, r.backbone): r for e in (1, 2, 3, 4, 5, 6, 7, 8, 100, 101) for r in experiment_runs(e)}
+    assert set(runs) == set(PARAMS)
+    x = torch.randn(2, 3, 64, 64)
+    for key, run in runs.items():
+        cfg = build_config(run).model
+        model = build_segmentor(cfg)
+        assert sum(p.numel() for p in model.parameters()) == PARAMS[key], key
+        with torch.no_grad():
+            out = model.eval()(x)
+        stride = 8 if cfg.decoder in ("dlv2red", "danet", "isanet") else 4
+        assert out.shape == (2, 19, 64 // stride, 64 // stride), key
+
+
+def test_daformer_checkpoint_of_a_cnn_model_loads(tmp_path):
+    """A DAFormer-format training checkpoint of DeepLabV2 + ResNet-50 (mmseg encoder names: `stem.0..7`, decoder
+    names as ours) loads strictly into our segmentor, student and teacher, every tensor in its place."""
+    from daformer_fast.checkpoint import load_weights
+    from daformer_fast.models import build_segmentor
+
+    cfg = parse_config({"model": {"backbone": "resnet50_v1c", "decoder": "dlv2red", "pretrained": None}}).model
+    torch.manual_seed(1)
+    src = build_segmentor(cfg)
+    mmseg = {}
+    for k, v in src.state_dict().items():
+        k = k.replace("backbone.bn1.", "backbone.stem.7.")
+        for i in (0, 1, 3, 4, 6):
+            k = k.replace(f"backbone.conv1.{i}.", f"backbone.stem.{i}.")
+        mmseg[k] = v
+    assert "backbone.stem.7.running_mean" in mmseg and "decode_head.aspp_modules.1.conv.bias" in mmseg
+    state = {**{"model." + k: v for k, v in mmseg.items()}, **{"ema_model." + k: v + 1 for k, v in mmseg.items()
+                                                              if v.is_floating_point()}}  # fmt: skip
+    state.update({"ema_model." + k: v for k, v in mmseg.items() if not v.is_floating_point()})
+    path = tmp_path / "iter_40000.pth"
+    torch.save({"state_dict": state, "meta": {}}, path)
+    for key, shift in (("student", 0), ("teacher", 1)):
+        torch.manual_seed(2)
+        dst = build_segmentor(cfg)
+        load_weights(dst, path, key=key, log=lambda msg: None)
+        for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
+            assert torch.equal(a + shift if a.is_floating_point() else a, b), (key, k)

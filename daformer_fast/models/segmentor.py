@@ -14,8 +14,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from daformer_fast.config import ModelConfig, OptimConfig
+from daformer_fast.models.attention_heads import DAHead, ISAHead
+from daformer_fast.models.deeplab import DepthwiseSeparableASPPHead, DLV2Head, SegFormerAdapter
 from daformer_fast.models.heads import DAFormerHead, SegFormerHead
 from daformer_fast.models.mit import mit
+from daformer_fast.models.resnet import cnn_encoder, from_mmseg_resnet
+from daformer_fast.models.upernet import UPerHead
 
 __all__ = ["Segmentor", "build_segmentor", "from_daformer", "from_daformer_fast", "param_groups"]
 
@@ -66,15 +70,9 @@ def build_segmentor(cfg: ModelConfig) -> Segmentor:
     if mit_backbone:
         backbone: nn.Module = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
     else:
-        from daformer_fast.models.resnet import cnn_encoder  # TEMP-LOCAL
-
         backbone = cnn_encoder(cfg.backbone)
     dims, k, norm, drop = tuple(backbone.out_channels), cfg.num_classes, cfg.decoder_norm, cfg.dropout
     neck = None
-    if cfg.decoder.startswith(("dl", "sfa", "da", "isa", "upernet")) and cfg.decoder not in ("daformer_sepaspp", "daformer_aspp", "daformer_conv1"):
-        from daformer_fast.models.attention_heads import DAHead, ISAHead  # TEMP-LOCAL
-        from daformer_fast.models.deeplab import DepthwiseSeparableASPPHead, DLV2Head, SegFormerAdapter
-        from daformer_fast.models.upernet import UPerHead
     match cfg.decoder:
         case "daformer_sepaspp" | "daformer_aspp" | "daformer_conv1" | "daformer_isa" | "daformer_sepaspp_bottleneck":
             fusion = cfg.decoder.removeprefix("daformer_")
@@ -118,17 +116,30 @@ _DAFORMER_MODELS = ("model.", "ema_model.", "imnet_model.")  # student, EMA teac
 def from_daformer(state: dict[str, torch.Tensor], part: str = "student") -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official DAFormer (mmseg) weights, already unwrapped from `state_dict` and DDP's `module.`: a training
     checkpoint (`model.*` student, `ema_model.*` teacher, `imnet_model.*`), a published file (`model.*` only), or a
-    plain segmentor (`backbone.*`, `decode_head.*`, the same keys as ours). `part`: "student" or "teacher"."""
+    plain segmentor (`backbone.*`, `decode_head.*`, the same keys as ours). `part`: "student" or "teacher".
+    A CNN encoder's mmseg names (`backbone.stem.*`, docs/architectures.md §1) map to ours; the decode heads use the
+    original's names already."""
     if not any(k.startswith(_DAFORMER_MODELS) for k in state):
         if part == "teacher":
             raise ValueError("the checkpoint holds one model only (backbone.*), no teacher")
-        return dict(state), []
+        return _cnn_backbone_keys(dict(state), [])
     prefix = "ema_model." if part == "teacher" else "model."
     if not any(k.startswith(prefix) for k in state):
         # publish_model.py deletes ema_model.* and imnet_model.*: released files hold the student only.
         raise ValueError(f"the checkpoint has no {prefix}* weights (published files hold the student only)")
     out = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    return out, [k for k in state if not k.startswith(prefix)]
+    return _cnn_backbone_keys(out, [k for k in state if not k.startswith(prefix)])
+
+
+def _cnn_backbone_keys(state: dict[str, torch.Tensor], ignored: list[str]):
+    """`backbone.*` of a ResNet-family encoder in mmseg names → ours (`models.resnet.from_mmseg_resnet`)."""
+    if not any(k.startswith("backbone.layer1.") for k in state):
+        return state, ignored  # a MiT encoder: the same names as ours
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    mapped, dropped = from_mmseg_resnet(backbone)
+    out = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    out.update({"backbone." + k: v for k, v in mapped.items()})
+    return out, ignored + ["backbone." + k for k in dropped]
 
 
 def from_daformer_fast(obj: dict, part: str = "student") -> tuple[dict[str, torch.Tensor], list[str]]:
