@@ -280,17 +280,17 @@ def poison(monkeypatch):
 
     bad: set[int] = set()
     current = {"t": -1}
-    begin, loss = dacs.UDAStep._begin, dacs.seg_ce_loss
+    prepare, loss = dacs.UDAStep.prepare, dacs.seg_ce_loss
 
-    def _begin(self, t):
+    def _prepare(self, t, *args):
         current["t"] = t
-        return begin(self, t)
+        return prepare(self, t, *args)
 
     def _loss(*args, **kwargs):
         value = loss(*args, **kwargs)
         return value * float("nan") if current["t"] in bad else value
 
-    monkeypatch.setattr(dacs.UDAStep, "_begin", _begin)
+    monkeypatch.setattr(dacs.UDAStep, "prepare", _prepare)
     monkeypatch.setattr(dacs, "seg_ce_loss", _loss)
     return bad
 
