@@ -64,7 +64,14 @@ def compile_regions(net: nn.Module) -> list[nn.Module]:
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _REGIONAL_RECOMPILE_LIMIT)
     for unit in units:
-        unit.compile(dynamic=False)
+        if isinstance(unit, Block):
+            # Its two residual branches, not the block: the DropPath between them has a drop rate of its own in
+            # every block, on which a graph holding it would be specialised (a recompile per block, past the limit
+            # at MiT-B5). DropPath and the residual sums stay eager.
+            unit.attn_branch = torch.compile(unit.attn_branch, dynamic=False)
+            unit.mlp_branch = torch.compile(unit.mlp_branch, dynamic=False)
+        else:
+            unit.compile(dynamic=False)
     return units
 
 
@@ -118,7 +125,10 @@ def build_training(
         for net in (student, teacher, imnet, mic_teacher):
             if net is not None:
                 compile_regions(net) if cfg.train.compile == "regional" else net.compile()
-    student_fwd = DDP(student, device_ids=[device.index] if device.type == "cuda" else None) if ddp else None  # 7
+    # broadcast_buffers=False as the original's multi-GPU runs (`train_segmentor`, mmseg/apis/train.py): each rank's
+    # BatchNorm running statistics follow its own batches; forward passes use batch statistics either way.
+    student_fwd = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
+                      broadcast_buffers=False) if ddp else None  # 7  # fmt: skip
     step = UDAStep(
         student, teacher, imnet, optimizer, uda=cfg.uda, schedule=cfg.schedule, train=cfg.train,
         num_classes=cfg.model.num_classes, device=device, impl=cfg.kernels.impl, rank=rank, student_fwd=student_fwd,
