@@ -317,7 +317,7 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Capture the fast iteration in a CUDA graph and replay it (`daformer_fast.graphs`): checked at first use against
     eager iterations from the same state, with one logged reason and an eager fallback on a mismatch or capture
-    error; without CUDA (or under DistributedDataParallel, not supported yet) a logged reason and eager steps."""
+    error; without CUDA a logged reason and eager steps. Under DDP the gradient all-reduce runs between two graphs."""
     deterministic: bool = False
     """Call `torch.use_deterministic_algorithms(True)` at the start of training (ops without a deterministic
     implementation then raise). The recipe runs non-deterministic (docs/recipe.md §1.2, §2.10)."""

@@ -28,14 +28,23 @@ kernels (`kernels.impl: triton`) against the plain-PyTorch references.
 
 Iterations that stay eager: t = 0 (the teacher becomes a copy, a different update), debug iterations (the panels
 are not graph outputs), and any batch whose shapes differ from the captured ones.
+
+DistributedDataParallel: DDP's gradient hooks cannot run inside a replay, so the captured body runs the plain
+student and averages the gradients itself: graph A holds the EMA, the passes, the backward passes and the flatten of
+all gradients (each divided by the world size, as DDP's default hook does), the all-reduce of that one buffer runs
+between two replays, and graph B copies it back and updates. DDP is built without buffer broadcasts (as the
+original's distributed runs), so nothing else crosses ranks inside an iteration. The self-check compares with the
+DDP-wrapped eager step, and the ranks keep or drop the graph together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from daformer_fast.selfcheck import StateSnapshot, compare_outputs, tolerances
 from daformer_fast.step import StepDraws, UDAStep
@@ -104,13 +113,16 @@ class CapturedStep:
         self.signature = None
         self.disabled: str | None = None
         self.fallback_state: StateSnapshot | None = None  # what a failure mid-check restores
+        # Under DDP the captured body runs the plain student and reduces the gradients itself (`_grad_sync`), so
+        # that the all-reduce sits between two graphs instead of inside DDP's autograd hooks.
+        self.ddp = step.student_fwd is not step.student
+        self.flat_grads: torch.Tensor | None = None
+        self.split: Callable[[torch.Tensor], None] | None = None  # set while capturing: ends graph A, begins B
         if capture is None:
             if step.device.type != "cuda":
                 self.disabled = "train.cuda_graphs needs a CUDA device"
             elif step.original:
                 self.disabled = "train.cuda_graphs captures the fast path only"
-            elif step.student_fwd is not step.student:
-                self.disabled = "CUDA-graph capture under DistributedDataParallel is not supported yet"
         if self.disabled:
             self.log(f"CUDA graphs off: {self.disabled}; running eager steps")
 
@@ -166,7 +178,7 @@ class CapturedStep:
         self.static_inputs = {k: v.clone() for k, v in inputs.items()}
         self.static_draws = _static(draws.on_device(step.device))
         self.signature = signature
-        self.replay, self.static_out = self.capture(step.body, self.static_inputs, self.static_draws,
+        self.replay, self.static_out = self.capture(self._body, self.static_inputs, self.static_draws,
                                                     lambda: step.prepare(t, *self._shape()))  # fmt: skip
         before.restore()  # the warm-up iterations moved the weights
         step.prepare(t, *self._shape())  # reseed and learning rates of iteration t again
@@ -179,6 +191,11 @@ class CapturedStep:
 
     def _compare(self, got, expected, after: StateSnapshot, batch, t):
         problem = compare_outputs(got, expected, tolerances(self.step.bf16)) or after.compare(self.step)
+        if self.ddp:  # every rank keeps or drops the graph together (their collectives must pair up)
+            failed = torch.tensor([problem is not None], dtype=torch.float32, device=self.step.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and problem is None:
+                problem = "another rank's captured iteration differs from its eager one"
         if problem:
             after.restore()
             return self._give_up(f"the captured iteration {t} differs from the eager one: {problem}", None, t,
@@ -201,6 +218,32 @@ class CapturedStep:
 
     # ---------------------------------------------------------------------------------------------------------
 
+    def _body(self, inputs, draws):
+        """`UDAStep.body`; under DDP with the plain student, no `no_sync`, and `_grad_sync` before the update."""
+        step = self.step
+        if not self.ddp:
+            return step.body(inputs, draws)
+        saved = step.student_fwd, step.no_sync, step.grad_sync
+        step.student_fwd, step.no_sync, step.grad_sync = step.student, contextlib.nullcontext, self._grad_sync
+        try:
+            return step.body(inputs, draws)
+        finally:
+            step.student_fwd, step.no_sync, step.grad_sync = saved
+
+    def _grad_sync(self) -> None:
+        """DDP's gradient average done by hand: every gradient divided by the world size (DDP's default hook
+        divides before it sums), flattened into one buffer, all-reduced, copied back. While capturing, the
+        all-reduce is where graph A ends and graph B begins; a replay runs it between the two."""
+        opt = self.step.optimizer
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads).div_(dist.get_world_size())
+        if self.split is not None:
+            self.flat_grads = flat
+            self.split(flat)
+        else:
+            dist.all_reduce(flat)
+        torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
     def _cuda_capture(self, body, inputs, draws, prepare):
         """Warm up on a side stream, capture `body(inputs, draws)` into one graph; (replay, static outputs)."""
         step = self.step
@@ -214,10 +257,37 @@ class CapturedStep:
         torch.cuda.current_stream(step.device).wait_stream(side)
         prepare()
         step.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = body(inputs, draws)
-        return graph.replay, out
+        if not self.ddp:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = body(inputs, draws)
+            return graph.replay, out
+        # DDP: graph A (EMA, passes, backward, the gradient flatten), the all-reduce, graph B (copy back, update);
+        # one memory pool for both.
+        graph_a, graph_b = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        capture_stream = torch.cuda.Stream(step.device)
+        torch.cuda.synchronize(step.device)
+
+        def split(flat):
+            graph_a.capture_end()
+            dist.all_reduce(flat)  # collective with the other ranks' capture; the data is not used
+            graph_b.capture_begin(pool=graph_a.pool())
+
+        self.split = split
+        try:
+            with torch.cuda.stream(capture_stream):
+                graph_a.capture_begin()
+                out = body(inputs, draws)
+                graph_b.capture_end()
+        finally:
+            self.split = None
+
+        def replay():
+            graph_a.replay()
+            dist.all_reduce(self.flat_grads)
+            graph_b.replay()
+
+        return replay, out
 
 
 class KernelCheck:

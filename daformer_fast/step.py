@@ -147,6 +147,9 @@ class UDAStep:
         self.impl: Impl = "reference" if self.original else impl
         self.student_fwd = student_fwd or student
         self.no_sync = getattr(student_fwd, "no_sync", contextlib.nullcontext)
+        # Called before the update: the gradient all-reduce of a captured DDP step (graphs.CapturedStep), which runs
+        # the plain student and reduces the gradients itself; None when DDP (or nothing) does it.
+        self.grad_sync: Callable[[], None] | None = None
         if (teacher is None) != (uda.mode != "dacs") or (imnet is None) != (uda.mode != "dacs" or uda.fd_lambda == 0):
             raise ValueError(f"uda.mode={uda.mode}, fd_lambda={uda.fd_lambda} needs "
                              "a teacher for dacs and an ImageNet encoder for FD, and neither otherwise")  # fmt: skip
@@ -260,6 +263,8 @@ class UDAStep:
         parameter for good (m / inf = 0); torch's CPU bf16 depthwise convolution produced such gradients
         (ops/depthwise.py).
         """
+        if self.grad_sync is not None:
+            self.grad_sync()
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else []
         found_inf = (~torch.isfinite(torch.stack([loss_total.detach().float(), *norms]))).any().float()
