@@ -3,6 +3,9 @@
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -53,3 +56,20 @@ def ops_log(caplog, monkeypatch):
     monkeypatch.setattr("daformer_fast.utils._logged", set())
     caplog.set_level(logging.INFO, logger="daformer_fast.ops")
     return caplog
+
+
+@pytest.fixture
+def torchrun_check(tmp_path):
+    """Run one of tests/ddp_*_check.py under torchrun on 2 CPU processes; each rank writes OUT/rank<r>.ok when its
+    assertions pass."""
+
+    def run(script: str) -> None:
+        repo = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(repo / "tests" / script), str(tmp_path)]  # fmt: skip
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
+
+    return run

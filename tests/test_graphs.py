@@ -8,8 +8,6 @@ to the host and makes no tensor from host data, and a mismatch or a capture erro
 state of the eager iteration and one logged reason.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from daformer_fast.graphs import CHECK_ITERS, CapturedStep, KernelCheck
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from overhead import HostReadDetector  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 B, H, W = 2, 64, 64
 TS = range(0, 5)
 
@@ -227,12 +224,7 @@ def test_forced_kernels_that_cannot_run_fall_back_once(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ddp_capture_reduces_gradients_like_ddp(tmp_path):
+def test_ddp_capture_reduces_gradients_like_ddp(torchrun_check):
     """Under DDP (2 CPU processes) the captured form — the plain student, gradients averaged by hand between the
     graphs — equals the DDP-wrapped eager step bit for bit on every rank (tests/ddp_graphs_check.py)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_graphs_check.py"), str(tmp_path)]  # fmt: skip
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
+    torchrun_check("ddp_graphs_check.py")

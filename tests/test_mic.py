@@ -2,9 +2,7 @@
 unmixed targets, both paths, the separate teacher, resume and DDP."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_step import _batch  # noqa: E402
 from tiny_run import write_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(path="fast", mode="separatetrgaug", kernels="auto", **mic):
@@ -261,10 +258,5 @@ def test_resume_without_the_mic_teacher_is_a_short_error(tmp_path, syn, capsys):
 
 
 @pytest.mark.slow
-def test_separate_teacher_is_identical_on_every_ddp_rank(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "ddp_mic_check.py"), str(tmp_path)]  # fmt: skip
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
+def test_separate_teacher_is_identical_on_every_ddp_rank(torchrun_check):
+    torchrun_check("ddp_mic_check.py")
