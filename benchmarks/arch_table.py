@@ -7,8 +7,8 @@ The pairs are those of `daformer_fast.experiments.experiment_runs` for the DAFor
 of first appearance, each turned into `model.*` by `experiments.build_config` exactly as its runs are. For each pair
 the segmentor is built as a run builds it (19 classes, random weights: the counts do not depend on the values) and
 
-- parameters: the trainable ones (`requires_grad`), split into encoder and decode head; `params_all` adds the
-  frozen ones (SegFormer's unused `conv_seg`, which the original's parameter count includes);
+- parameters: the trainable ones (`requires_grad`), split into encoder and decode head; `params_all` and
+  `params_decoder_all` add the frozen ones (SegFormer's unused `conv_seg`, which the original's count includes);
 - FLOPs: one forward of one size×size image in eval mode, fp32, with the plain-PyTorch ops
   (`kernels.impl=reference`), counted by `torch.utils.flop_counter.FlopCounterMode` through
   benchmarks/step_flops.py's `flop_counter` (the same counter as the training-step count): convolutions,
@@ -73,6 +73,7 @@ def count_model(model_cfg, size: int = 512) -> dict:
     return {
         "params": n_params(model), "params_encoder": n_params(model.backbone),
         "params_decoder": n_params(model.decode_head), "params_all": n_params(model, trainable=False),
+        "params_decoder_all": n_params(model.decode_head, trainable=False),
         "flops": int(counter.get_total_flops()),
         "flops_encoder": int(sum(by_module.get("Segmentor.backbone", {}).values())),
         "flops_decoder": int(sum(by_module.get("Segmentor.decode_head", {}).values())),
