@@ -143,8 +143,18 @@ class Block(nn.Module):
         self.mlp = MixFFN(dim, dim * mlp_ratio)
 
     def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x_BNC = x_BNC + self.drop_path(self.attn(self.norm1(x_BNC), h, w))
-        return x_BNC + self.drop_path(self.mlp(self.norm2(x_BNC), h, w))
+        x_BNC = x_BNC + self.drop_path(self.attn_branch(x_BNC, h, w))
+        return x_BNC + self.drop_path(self.mlp_branch(x_BNC, h, w))
+
+    # The residual branches without their DropPath: what `train.compile: regional` compiles. Each block has its
+    # own drop rate, and a compiled graph holding it would be specialised on it (one recompile per block).
+    def attn_branch(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """LayerNorm, then efficient self-attention."""
+        return self.attn(self.norm1(x_BNC), h, w)
+
+    def mlp_branch(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """LayerNorm, then Mix-FFN."""
+        return self.mlp(self.norm2(x_BNC), h, w)
 
 
 class MixVisionTransformer(nn.Module):
