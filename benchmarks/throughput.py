@@ -5,11 +5,23 @@ process, with the optimisation ladder between them.
                                     [--warmup N] [--json PATH] [--real-data] [--order sequential|interleaved]
 
 Ladder (cumulative; each rung changes one setting of the rung above it, everything else comes from the config):
-fp32 eager original (`train.path=original`, `kernels.impl=reference`) → +bf16 → +compile → +sync-free batched
-step (`train.path=fast`) → +fused kernels (`kernels.impl=triton` on CUDA, forcing every Triton kernel: the
-measurement `auto` waits for; `auto` elsewhere) → +DALI (`data.loader=dali`, only with
-`--real-data` on CUDA with DALI installed). A rung that cannot run here is skipped with the reason, and the rungs
-below it go on without its change. "original" in the JSON is the first rung, "fast" the last one measured.
+fp32 eager original (`train.path=original`, `kernels.impl=reference`) → +bf16 → +compile (`train.compile=regional`,
+or `full` with `--compile full`) → +sync-free batched step (`train.path=fast`) → +fused kernels
+(`kernels.impl=triton` on CUDA, forcing every Triton kernel: the measurement `auto` waits for; `auto` elsewhere) →
++CUDA graphs (`train.cuda_graphs=true`: the fast step replayed from one CUDA graph; CUDA only) → +DALI
+(`data.loader=dali`, only with `--real-data` on CUDA with DALI installed). A rung that cannot run here is skipped
+with the reason, and the rungs below it go on without its change. "original" in the JSON is the first rung, "fast"
+the last one measured.
+
++compile compiles `regional` by default: each MiT block's two residual branches, patch embedding and the decode
+head once per distinct shape (`daformer_fast.build.compile_regions`), 26 graphs at any MiT depth, where `full`
+unrolls MiT-B5's 52 blocks in each network it compiles (inductor's CPU compile of `full` took 887 s at MiT-b0,
+regional's about 2 minutes at MiT-B5: benchmarks/results/README.md); DropPath stays eager, drawing as the eager
+step does. `--compile full` measures the other; the entry's `setting.compile` says which one ran. The +CUDA graphs rung warms up for at least the capture's self-check (`graphs.CHECK_ITERS`
+checked iterations and one replay), so its timed steps are replays; `cuda_graphs` in its entry says whether the
+check passed (a failed one falls back to eager steps, which the entry then times). Every measured entry states the
+fp32 matmul and convolution precision its steps ran under (`fp32_precision`, set per step from the rung's
+`train.precision`: interleaved rungs share one process).
 
 +MIC (beside the ladder, `record["mic"]`): the last measured rung with Masked Image Consistency on
 (`uda.mic.mode=separatetrgaug` with DAFormer's teacher, as the reference MIC(DAFormer); cells of 32·crop/512
@@ -65,29 +77,32 @@ from daformer_fast.config import Config, load_config, parse_config  # noqa: E402
 from daformer_fast.data.dali_loader import dali_available  # noqa: E402
 from daformer_fast.data.loader import build_train_loader  # noqa: E402
 from daformer_fast.models import build_segmentor  # noqa: E402
-from daformer_fast.build import build_training  # noqa: E402
+from daformer_fast.build import build_training, set_fp32_precision  # noqa: E402
+from daformer_fast.graphs import CHECK_ITERS, CapturedStep, KernelCheck  # noqa: E402
 from daformer_fast.step import UDAStep  # noqa: E402
 
-__all__ = ["LADDER", "MIC_RUNG", "Setting", "build_step", "count_mic_flops", "count_path_flops", "initial_weights",
-           "main", "mic_block", "mic_config", "run_benchmark"]
+__all__ = ["LADDER", "MIC_RUNG", "Setting", "build_step", "capture_state", "count_mic_flops", "count_path_flops",
+           "initial_weights", "main", "mic_block", "mic_config", "run_benchmark"]
 
 
 @dataclass(frozen=True)
 class Setting:
     path: str = "original"
     precision: str = "fp32"
-    compile: bool = False
+    compile: str = "off"  # train.compile: off | regional | full
     kernels: str = "reference"
     loader: str = "torch"
+    cuda_graphs: bool = False
 
 
 # (rung name, the one setting it changes).
 LADDER: tuple[tuple[str, dict], ...] = (
     ("fp32 eager original", {}),
     ("+bf16", {"precision": "bf16"}),
-    ("+compile", {"compile": True}),
+    ("+compile", {"compile": "regional"}),
     ("+sync-free batched step", {"path": "fast"}),
     ("+fused kernels", {"kernels": "auto"}),
+    ("+CUDA graphs", {"cuda_graphs": True}),
     ("+DALI", {"loader": "dali"}),
 )
 MIC_RUNG = "+MIC"
@@ -117,16 +132,22 @@ def _mic_skip_reason(cfg: Config, skip: tuple[str, ...]) -> str | None:
 
 def _apply(cfg: Config, s: Setting) -> Config:
     r = dataclasses.replace
-    return r(cfg, train=r(cfg.train, path=s.path, precision=s.precision, compile=s.compile),
-             kernels=r(cfg.kernels, impl=s.kernels), data=r(cfg.data, loader=s.loader))  # fmt: skip
+    train = r(cfg.train, path=s.path, precision=s.precision, compile=s.compile, cuda_graphs=s.cuda_graphs)
+    return r(cfg, train=train, kernels=r(cfg.kernels, impl=s.kernels), data=r(cfg.data, loader=s.loader))
 
 
-def _skip_reason(name: str, change: dict, device: torch.device, quick: bool, real_data: bool,
+def _skip_reason(name: str, change: dict, setting: Setting, device: torch.device, quick: bool, real_data: bool,
                  skip: tuple[str, ...]) -> str | None:  # fmt: skip
+    """Why the rung `name` (its `change` to the `setting` above it) cannot run here; None when it can."""
     if name in skip:
         return "--skip"
     if change.get("compile") and device.type == "cpu" and quick:
-        return "--quick on CPU: inductor's compile of the step takes minutes on two cores (run without --quick)"
+        return "--quick on CPU: inductor's compile takes minutes on two cores (run without --quick)"
+    if change.get("cuda_graphs"):
+        if device.type != "cuda":
+            return "train.cuda_graphs needs a CUDA device (the step is captured with torch.cuda.graph)"
+        if setting.path != "fast":
+            return "train.cuda_graphs captures the fast step only (the +sync-free batched step rung did not run)"
     if change.get("loader") == "dali":
         if not real_data:
             return "synthetic in-memory batches: the loader is not exercised (use --real-data)"
@@ -184,6 +205,8 @@ class _Rung:
     warmup_s: float = 0.0
     skipped_steps: int = 0
     dispatch: list[str] = field(default_factory=list)
+    warmup_steps: int = 0
+    fp32_precision: dict[str, str] = field(default_factory=dict)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
@@ -192,7 +215,11 @@ class _Rung:
         return batch
 
     def run(self, t: int, device: torch.device) -> None:
-        """One timed step; on CUDA the events time the device work, the host clock the wall time."""
+        """One timed step; on CUDA the events time the device work, the host clock the wall time. The rung's
+        fp32 precision is set first: the builder sets it process-wide, for the rung built last."""
+        set_fp32_precision(self.setting.precision)
+        self.fp32_precision = {"matmul": torch.backends.cuda.matmul.fp32_precision,
+                               "conv": torch.backends.cudnn.conv.fp32_precision}  # fmt: skip
         w0 = time.perf_counter()
         batch = self.next_batch()
         if device.type == "cuda":
@@ -209,8 +236,20 @@ class _Rung:
         self.wall_s += time.perf_counter() - w0
 
 
+def capture_state(step) -> dict | None:
+    """Whether a `train.cuda_graphs` step replays its graph (its first-use self-check passed) or fell back to eager
+    steps, and why; None for a step without capture."""
+    captured = step.step if isinstance(step, KernelCheck) else step
+    if not isinstance(captured, CapturedStep):
+        return None
+    ok = captured.disabled is None and captured.checked >= captured.check_iters
+    return {"self_check": "passed" if ok else "failed", "eager_fallback_reason": captured.disabled,
+            "replays": captured.replays}  # fmt: skip
+
+
 class _DispatchLog(logging.Handler):
-    """Collects the ops dispatch decisions (logged once per op and choice) so each rung states what ran."""
+    """Collects the ops dispatch decisions (logged once per op and choice) so each rung states what ran, and the
+    CUDA-graph capture's log lines."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -277,16 +316,18 @@ def _summary(r: _Rung, device: torch.device, imgs: int, model_flop: int, peak_me
         "data_wait_pct": round(100 * r.wait_s / max(r.wall_s, 1e-9), 2), "warmup_s": round(r.warmup_s, 2),
         "tflops": float(f"{tflops:.4g}"),  # significant digits: a CPU reads in GFLOP/s
         "mfu": round(tflops / peak.tflops(r.setting.precision), 4) if peak else None,
-        "skipped_steps": int(r.skipped_steps), "dispatch": r.dispatch,
+        "skipped_steps": int(r.skipped_steps), "dispatch": r.dispatch, "fp32_precision": r.fp32_precision,
+        "warmup_steps": r.warmup_steps,
     }  # fmt: skip
 
 
 def run_benchmark(
     cfg: Config, device: torch.device, *, iters: int, warmup: int, quick: bool = False, real_data: bool = False,
     order: str = "sequential", skip: tuple[str, ...] = (), json_path: str | Path | None = None, log=print,
-    command: str = "",
+    command: str = "", compile_mode: str = "regional",
 ) -> dict:  # fmt: skip
-    """Count the step's FLOPs, then build and time every rung of `LADDER`; returns the JSON record."""
+    """Count the step's FLOPs, then build and time every rung of `LADDER`; returns the JSON record. `compile_mode`:
+    what the +compile rung sets `train.compile` to (regional or full)."""
     r = dataclasses.replace
     cfg = r(cfg, model=r(cfg.model, pretrained=None))
     if order == "interleaved" and device.type == "cuda":
@@ -313,7 +354,7 @@ def run_benchmark(
         **environment(device),
         "setup": {"command": command, "backbone": cfg.model.backbone, "decoder": cfg.model.decoder,
                   "crop": list(cfg.data.crop), "batch": f"{cfg.data.batch_size}+{cfg.data.batch_size}",
-                  "iters": iters, "warmup": warmup, "order": order, "quick": quick,
+                  "iters": iters, "warmup": warmup, "order": order, "quick": quick, "compile": compile_mode,
                   "data": "loaders" if real_data else "synthetic in-memory batches", "torch_threads":
                   torch.get_num_threads()},  # fmt: skip
         "flops": {"model_flop_per_iter": model_flop, "original_flop_per_iter": flops["original"]["total"],
@@ -325,9 +366,10 @@ def run_benchmark(
     if any("compile" in c for _, c in LADDER) and hasattr(torch._dynamo.config, "recompile_limit"):
         # Each compiled rung recompiles the same module code (other precision, impl, module instance).
         torch._dynamo.config.recompile_limit = 64
-    dispatch_log = _DispatchLog()
-    logging.getLogger("daformer_fast.ops").addHandler(dispatch_log)
-    logging.getLogger("daformer_fast.ops").setLevel(logging.INFO)
+    dispatch_log, graphs_log = _DispatchLog(), _DispatchLog()
+    for name, handler in (("daformer_fast.ops", dispatch_log), ("daformer_fast.graphs", graphs_log)):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
 
     def write() -> None:
         if json_path:
@@ -346,14 +388,18 @@ def run_benchmark(
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
         try:
-            n_before = len(dispatch_log.lines)
+            n_before, n_graphs = len(dispatch_log.lines), len(graphs_log.lines)
             rung = _build(name, candidate, rcfg, state, device, n_steps, tmp)
+            # A captured step's first CHECK_ITERS iterations also run eager ones: warm up past them and one replay.
+            rung.warmup_steps = max(warmup, CHECK_ITERS + 1) if candidate.cuda_graphs else warmup
             w = time.perf_counter()
-            for i in range(warmup):
+            for i in range(rung.warmup_steps):
                 rung.run(t0 + i, device)
             _sync(device)
             rung.warmup_s = time.perf_counter() - w
             rung.dispatch = dispatch_log.lines[n_before:]
+            if candidate.cuda_graphs:
+                entry["cuda_graphs_log"] = graphs_log.lines[n_graphs:]
         except Exception as e:  # a rung that fails here (e.g. a compiler error) must not lose the others
             entry.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
             log(f"{name}: failed ({type(e).__name__}: {e})")
@@ -362,7 +408,7 @@ def run_benchmark(
         live.append((rung, entry, flop))
         if order == "sequential":
             for i in range(iters):
-                rung.run(t0 + warmup + i, device)
+                rung.run(t0 + rung.warmup_steps + i, device)
             _sync(device)
             peak = None
             if device.type == "cuda":
@@ -374,9 +420,10 @@ def run_benchmark(
 
     try:
         for name, change in LADDER:
+            change = {**change, "compile": compile_mode} if "compile" in change else change
             entry = {"rung": name, "change": change}
             record["ladder"].append(entry)
-            why = _skip_reason(name, change, device, quick, real_data, skip)
+            why = _skip_reason(name, change, setting, device, quick, real_data, skip)
             if why:
                 entry.update(status="skipped", reason=why)
                 log(f"{name}: skipped ({why})")
@@ -399,12 +446,13 @@ def run_benchmark(
         if order == "interleaved":
             for i in range(iters):
                 for rung, _, _ in live:
-                    rung.run(t0 + warmup + i, device)
+                    rung.run(t0 + rung.warmup_steps + i, device)
             _sync(device)
             for rung, entry, flop in live:
                 _finish(record, rung, entry, device, imgs, flop, None, log)
     finally:
         logging.getLogger("daformer_fast.ops").removeHandler(dispatch_log)
+        logging.getLogger("daformer_fast.graphs").removeHandler(graphs_log)
         if tmp is not None:
             tmp.cleanup()
     _mic_added(record)
@@ -433,6 +481,8 @@ def _finish(record, rung, entry, device, imgs, model_flop, peak, log) -> None:
     s["gain"] = round(s["img_s"] / above[-1]["img_s"], 3) if above else 1.0
     s["speedup_vs_original"] = round(s["img_s"] / above[0]["img_s"], 3) if above else 1.0
     entry.update(status="measured", setting=dataclasses.asdict(rung.setting), **s)
+    if (captured := capture_state(rung.step)) is not None:
+        entry["cuda_graphs"] = captured
     log(f"{rung.name}: {s['img_s']:.3f} img/s, p50 {s['ms_p50']:.1f} ms, gain {s['gain']:.2f}x")
 
 
@@ -487,6 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--skip", nargs="*", default=[], choices=[n for n, _ in LADDER] + [MIC_RUNG], metavar="RUNG",
                    help="rungs to leave out (a later rung then goes on without that change; +MIC: no MIC line)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument("--compile", choices=["regional", "full"], default="regional", help="train.compile of +compile")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, section.key=value")
     args = p.parse_args(argv)
     # --quick's settings first, so that --set can still change them.
@@ -502,7 +553,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     record = run_benchmark(cfg, device, iters=iters, warmup=warmup, quick=args.quick, real_data=args.real_data,
-                           order=order, skip=tuple(args.skip), json_path=args.json, command=command)  # fmt: skip
+                           order=order, skip=tuple(args.skip), json_path=args.json, command=command,
+                           compile_mode=args.compile)  # fmt: skip
     record["wall_s"] = round(time.perf_counter() - t, 1)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")

@@ -58,7 +58,11 @@ def test_record_schema(record):
     assert [e["rung"] for e in record["ladder"]] == [name for name, _ in throughput.LADDER]
     status = {e["rung"]: e["status"] for e in record["ladder"]}
     assert status["+bf16"] == "skipped" and status["+compile"] == "skipped" and status["+DALI"] == "skipped"
+    assert status["+CUDA graphs"] == "skipped"
     assert all(e["reason"] for e in record["ladder"] if e["status"] == "skipped")
+    entries = {e["rung"]: e for e in record["ladder"]}
+    assert "CUDA device" in entries["+CUDA graphs"]["reason"]
+    assert entries["+compile"]["change"] == {"compile": "regional"} and record["setup"]["compile"] == "regional"
     measured = [e for e in record["ladder"] if e["status"] == "measured"]
     assert [e["rung"] for e in measured] == ["fp32 eager original", "+sync-free batched step", "+fused kernels"]
     for e in measured:
@@ -66,8 +70,11 @@ def test_record_schema(record):
         assert e["img_s"] > 0 and 0 < e["ms_p50"] <= e["ms_p90"] and len(e["ms_all"]) == 2
         assert e["mfu"] is None and e["peak_mem_gib"] is None  # CPU: no peak table, interleaved order
     # The cumulative settings: each measured rung carries the changes of the measured rungs above it.
-    assert measured[1]["setting"] == {"path": "fast", "precision": "fp32", "compile": False, "kernels": "reference",
-                                      "loader": "torch"}  # fmt: skip
+    assert measured[1]["setting"] == {"path": "fast", "precision": "fp32", "compile": "off", "kernels": "reference",
+                                      "loader": "torch", "cuda_graphs": False}  # fmt: skip
+    # train.precision fp32 is IEEE fp32 for matmuls and convolutions, stated by every entry.
+    assert all(e["fp32_precision"] == {"matmul": "ieee", "conv": "ieee"} for e in measured)
+    assert all("cuda_graphs" not in e for e in measured)  # no capture, no capture state
     assert measured[2]["setting"]["kernels"] == "auto" and measured[2]["setting"]["path"] == "fast"
     assert record["original"]["rung"] == "fp32 eager original" and record["fast"]["rung"] == "+fused kernels"
     assert record["fast"]["speedup"] == pytest.approx(record["fast"]["img_s"] / record["original"]["img_s"], 1e-2)
@@ -80,8 +87,14 @@ def test_flop_counts_positive_and_consistent(record):
     # Same model, same four passes and two backward passes; the original path adds only the second encoder backward
     # of the feature distance, a small share of the step.
     assert model <= ref <= 1.25 * model
-    # Every counted forward op appears for both paths with the same forward FLOPs.
-    assert f["by_op"]["fast"]["aten.convolution"] == f["by_op"]["original"]["aten.convolution"]
+    # Every counted forward op appears for both paths with the same forward FLOPs, but for the Gaussian blur's two
+    # convolutions: the fast step computes the blur whatever the batch's coin says and selects (its device body
+    # branches on nothing drawn), the original only when the coin says blur.
+    images = torch.zeros(2, 3, 32, 32)
+    with using_impl("reference"), flop_counter() as blur:
+        gaussian_blur(images, torch.full(images.shape[:1], 0.5))
+    conv = f["by_op"]["fast"]["aten.convolution"] - f["by_op"]["original"]["aten.convolution"]
+    assert conv in (0, blur.get_total_flops()) and blur.get_total_flops() > 0
     e = record["fast"]
     assert e["tflops"] == pytest.approx(model / (e["ms_p50"] * 1e-3) / 1e12, rel=1e-3)
 
@@ -107,6 +120,56 @@ def test_mic_block_scales_with_the_crop():
     for crop, block in sizes.items():
         cfg = throughput.mic_config(parse_config({"data": {"crop": [crop, crop]}}))
         assert (cfg.uda.mic.mode, cfg.uda.mic.block_size) == ("separatetrgaug", block), crop
+
+
+def test_each_rung_runs_under_its_own_fp32_precision():
+    """Interleaved rungs share one process, where the builder set the precision of the rung built last: each step
+    sets its rung's (fp32 -> IEEE, tf32 and bf16 -> TF32) and the entry states what it ran under."""
+    seen = []
+
+    def step(batch, t):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision))
+        return {"skipped": torch.tensor(0)}
+
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    rungs = [throughput._Rung(p, throughput.Setting(precision=p), step, iter([{}] * 2)) for p in ("bf16", "fp32")]
+    try:
+        for rung in rungs + rungs[::-1]:
+            rung.run(0, torch.device("cpu"))
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+    assert seen == [("tf32", "tf32"), ("ieee", "ieee"), ("ieee", "ieee"), ("tf32", "tf32")]
+    assert rungs[0].fp32_precision == {"matmul": "tf32", "conv": "tf32"}
+    assert rungs[1].fp32_precision == {"matmul": "ieee", "conv": "ieee"}
+
+
+def test_cuda_graphs_rung_skip_reasons():
+    """+CUDA graphs needs CUDA, and the fast path (the rung above it may have been skipped)."""
+    change = dict(throughput.LADDER)["+CUDA graphs"]
+    fast, original = throughput.Setting(path="fast"), throughput.Setting()
+    why = throughput._skip_reason("+CUDA graphs", change, fast, torch.device("cpu"), False, False, ())
+    assert "CUDA device" in why
+    why = throughput._skip_reason("+CUDA graphs", change, original, torch.device("cuda"), False, False, ())
+    assert "fast step only" in why
+    assert throughput._skip_reason("+CUDA graphs", change, fast, torch.device("cuda"), False, False, ()) is None
+    names = [n for n, _ in throughput.LADDER]
+    assert names.index("+fused kernels") < names.index("+CUDA graphs") < names.index("+DALI")
+
+
+def test_capture_state_of_a_step_built_with_cuda_graphs_on_cpu():
+    """On CPU the builder's CapturedStep runs eager steps with its reason; the entry says so (through the
+    KernelCheck wrapper too), and a step without capture has no capture state."""
+    from daformer_fast.build import build_training
+    from daformer_fast.graphs import KernelCheck
+
+    cfg = parse_config({"model": {"backbone": "mit_b0", "pretrained": None}, "data": {"crop": [32, 32]},
+                        "train": {"cuda_graphs": True}})  # fmt: skip
+    step = build_training(cfg, "cpu")[1]
+    state = throughput.capture_state(step)
+    assert state == {"self_check": "failed", "eager_fallback_reason": "train.cuda_graphs needs a CUDA device",
+                     "replays": 0}  # fmt: skip
+    assert throughput.capture_state(KernelCheck(step)) == state
+    assert throughput.capture_state(step.step) is None
 
 
 def _student_flops(cfg, state, images):
