@@ -1,12 +1,14 @@
 """Host overhead of one training step: what the host dispatches and where it waits, per execution mode.
 
     python benchmarks/overhead.py [--quick] [--config configs/gta2cs.yaml] [--crop N] [--set section.key=value ...]
-                                  [--modes original eager compiled captured] [--compile-backend BACKEND]
-                                  [--threads N] [--json PATH]
+                                  [--modes original eager compiled-regional compiled-full captured]
+                                  [--compile-backend BACKEND] [--no-warm-start] [--time-iters N] [--threads N]
+                                  [--json PATH]
 
-Modes: `original` (`train.path: original`), `eager` (the fast path), `compiled` (the fast path with
-`train.compile: true`), `captured` (the fast step replayed from a CUDA graph; CUDA only, skipped elsewhere with the
-reason in the record). Every mode runs one warm-up step first; the counts are of the next step.
+Modes: `original` (`train.path: original`), `eager` (the fast path), `compiled-regional` and `compiled-full` (the
+fast path with `train.compile: regional` or `full`; records written before both existed call the full one
+`compiled`), `captured` (the fast step replayed from a CUDA graph, `train.cuda_graphs: true`; CUDA only, skipped
+elsewhere with the reason in the record). Every mode runs one warm-up step first; the counts are of a later step.
 
 Eager modes (`original`, `eager`): a `TorchDispatchMode` counts every op that reaches the dispatcher below autograd
 (what a GPU turns into kernel launches, give or take fusions inside an op) and attributes it to a stage, and the
@@ -23,31 +25,40 @@ host-read rule of `HostReadDetector` lists the step's host syncs with their call
 Innermost first means a loss computed on a network's output counts as a loss, and the ImageNet forward inside the
 feature distance counts as the ImageNet forward.
 
-Compiled mode: while a `TorchDispatchMode` is active dynamo runs every frame eagerly, so the mode would count the
-eager step. Instead `torch.profiler` records the CPU op events of the step, and the count is of the top-level
-`aten::` events (those without an `aten::` parent, as the dispatch mode counts); they are split only into
-`backward` (under an autograd engine event) and `not attributed` (stacks are not recorded inside compiled
-graphs). Every mode also records this profiler count (`profiler_ops_total`), the like-for-like comparison across
-modes. Dynamo's counters give the graphs, the graph breaks with their reasons and the recompiles over 5 steps (with
-the failed guards from dynamo's `recompiles` log); the first step's wall time is the cold compile, the next one's
-the warm step. The compiled mode runs before the others, as in a fresh process. On CPU inductor's compile of MiT
-takes many minutes: `--quick` uses MiT-b0 at 64x64 crops and, on CPU, the `aot_eager` backend (dynamo and AOT
-autograd, no code generation) unless `--compile-backend` says otherwise.
+Compiled and captured modes: while a `TorchDispatchMode` is active dynamo runs every frame eagerly, so the mode
+would count the eager step. Instead `torch.profiler` records the CPU op events of the step, and the count is of the
+top-level `aten::` events (those without an `aten::` parent, as the dispatch mode counts): the ops that still go
+through the eager dispatcher, inside compiled code too (inductor's calls into aten, such as matmuls, convolutions
+and buffer allocations). They are split only into `backward` (under an autograd engine event) and `not attributed`
+(stacks are not recorded inside compiled graphs). Every mode also records this profiler count
+(`profiler_ops_total`), the like-for-like comparison across modes (multi-tensor ops count once there, where the
+dispatch mode also sees the per-tensor ops a CPU runs them as). benchmarks/compile_capture.py says what the compiled
+records hold (graphs, graph breaks, recompiles per step, cold compile, and the warm start: a second process on the
+same inductor cache folder, fresh for the cold run) and what the captured one holds. The compiled modes run before
+the others (regional first), as in a fresh process; each compiles into its own new `TORCHINDUCTOR_CACHE_DIR`.
 
-On CUDA each mode also records the kernel launches of the step (profiler CUDA events), and host vs device time: the
-host's wall time until the step returns, and the device's time from CUDA events around the step.
+Backends: inductor, except `compiled-full` with `--quick` on CPU, which uses `aot_eager` (dynamo and AOT autograd,
+no code generation: inductor's CPU compile of the whole networks takes many minutes); `--compile-backend` sets one
+for both. `--quick` uses MiT-b0 at 64x64 crops.
+
+Timing: on CPU, after all modes are counted, `--time-iters` steps of each measured mode are timed in turn (one
+step of each mode, then the next round), so that load from other processes falls on all modes alike; `ms_per_iter`
+is their median. On CUDA `compile_capture.cuda_timing` gives kernel launches and host vs device milliseconds per
+mode instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import copy
+import contextlib
 import dataclasses
 import json
-import logging
-import re
+import os
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -58,15 +69,22 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_env import environment  # noqa: E402
+from compile_capture import (  # noqa: E402
+    FIRST_STEP_TAG, STEPS_FOR_RECOMPILES, captured_record, compiled_steps, cuda_timing, first_step_record,
+    inductor_caches, profiled_ops, warm_start,
+)  # fmt: skip
 from throughput import _synthetic_batches  # noqa: E402
 
 from daformer_fast.build import build_training  # noqa: E402
 from daformer_fast.config import load_config  # noqa: E402
 
-__all__ = ["HOST_READS", "MODES", "STAGES", "HostReadDetector", "StageCounter", "main", "measure_mode", "stage_of"]
+__all__ = ["COMPILED", "HOST_READS", "MODES", "STAGES", "HostReadDetector", "StageCounter", "main", "measure_mode",
+           "stage_of", "summary_lines"]  # fmt: skip
 
 aten = torch.ops.aten
-MODES = ("original", "eager", "compiled", "captured")
+MODES = ("original", "eager", "compiled-regional", "compiled-full", "captured")
+COMPILED = {"compiled-regional": "regional", "compiled-full": "full"}
+"""The compiled modes and the `train.compile` value each runs."""
 STAGES = ("student forward", "teacher forward", "imagenet forward", "backward", "losses", "classmix/augmentation",
           "optimizer+ema", "other")  # fmt: skip
 # Ops that wait for a device tensor's values: a scalar read, or an output whose size depends on the data.
@@ -81,7 +99,7 @@ _FILE_STAGES = (
      "classmix/augmentation"),
     (("uda/ema.py", "uda/schedule.py", "torch/optim/"), "optimizer+ema"),
 )  # fmt: skip
-STEPS_FOR_RECOMPILES = 5
+CAPTURED_SKIP = "needs a CUDA device (train.cuda_graphs captures the fast step with torch.cuda.graph)"
 
 
 class HostReadDetector(TorchDispatchMode):
@@ -158,10 +176,6 @@ def _networks(step) -> dict[int, str]:
     return {id(m): name for m, name in named if m is not None}
 
 
-def _mode_config(cfg, mode: str):
-    r = dataclasses.replace
-    train = r(cfg.train, path="original" if mode == "original" else "fast", compile=mode == "compiled")
-    return r(cfg, train=train)
 
 
 def _count_eager(step, batch, t: int) -> dict:
@@ -178,137 +192,99 @@ def _count_eager(step, batch, t: int) -> dict:
             "host_sync_sites": dict(collections.Counter(counter.reads))}  # fmt: skip
 
 
-def _count_profiled(step, batch, t: int) -> dict:
-    """Top-level aten ops of one step from the profiler's CPU events (for compiled frames)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(batch, t)
-    backward = other = 0
-    for e in prof.events():
-        if not e.name.startswith("aten::"):
-            continue
-        parent, in_backward, top = e.cpu_parent, False, True
-        while parent is not None:
-            top = top and not parent.name.startswith("aten::")
-            in_backward = in_backward or parent.name.startswith("autograd::engine")
-            parent = parent.cpu_parent
-        if top:
-            backward, other = backward + in_backward, other + (not in_backward)
-    return {"ops_total": backward + other, "ops_by_stage": {"backward": backward, "not attributed": other},
-            "host_syncs": None, "host_sync_sites": None}  # fmt: skip
+def _mode_config(cfg, mode: str):
+    r = dataclasses.replace
+    train = r(cfg.train, path="original" if mode == "original" else "fast", compile=COMPILED.get(mode, "off"),
+              cuda_graphs=mode == "captured")  # fmt: skip
+    return r(cfg, train=train)
 
 
-def _cuda_timing(step, batch, t: int) -> dict:
-    """Kernel launches, host and device milliseconds of one step (CUDA only; kept simple, untested without one)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step(batch, t)
-        torch.cuda.synchronize()
-    launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    start.record()
-    step(batch, t + 1)
-    host_ms = (time.perf_counter() - t0) * 1e3
-    end.record()
-    torch.cuda.synchronize()
-    return {"kernel_launches": launches, "host_ms": round(host_ms, 2), "device_ms": round(start.elapsed_time(end), 2)}
+@contextlib.contextmanager
+def _default_backend(backend: str | None):
+    """torch.compile with `backend` where a call names none: build_training's `nn.Module.compile` and
+    `compile_regions` both call torch.compile while the step is built."""
+    if backend is None:
+        yield
+        return
+    compile_ = torch.compile
+    torch.compile = lambda *a, **kw: compile_(*a, **{"backend": backend, **kw})
+    try:
+        yield
+    finally:
+        torch.compile = compile_
 
 
-def _dynamo_stats(before: dict) -> dict:
-    c = torch._dynamo.utils.counters
-    return {"graphs": c["stats"]["unique_graphs"] - before.get("graphs", 0),
-            "frames_compiled": c["frames"]["ok"] - before.get("frames", 0),
-            "graph_breaks": {str(k): v for k, v in c["graph_break"].items()}}  # fmt: skip
+def build_mode(cfg, mode: str, device: torch.device, backend: str | None = None, log=None):
+    """The training step of `mode`, built as the trainer builds it (`backend`: the compiled modes' torch.compile
+    backend, None for inductor)."""
+    with _default_backend(backend if mode in COMPILED else None):
+        return build_training(_mode_config(cfg, mode), device, log=log)[1]
 
 
-class _RecompileReasons(logging.Handler):
-    """Dynamo's "recompiles" log (the failed guard of each recompile), collected while in a `with` block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-        self.log = logging.getLogger("torch._dynamo.guards.__recompiles")
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # The function and its failed guards ("- 0/2: with_features == False ..."), without the stack traces.
-        lines = [" ".join(x.split()) for x in record.getMessage().splitlines()]
-        self.messages.append(" ".join(lines[:1] + [x for x in lines[1:] if re.match(r"- \d+/\d+: ", x)]))
-
-    def __enter__(self):
-        torch._logging.set_logs(recompiles=True)
-        self.log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.log.removeHandler(self)
-        torch._logging.set_logs()
-
-
-def measure_mode(cfg, mode: str, batches: list[dict], device: torch.device, compile_backend: str | None) -> dict:
-    """The record of one mode: ops by stage and host syncs (or the compile statistics), CUDA timings on a GPU."""
+def measure_mode(cfg, mode: str, batches: list[dict], device: torch.device, compile_backend: str | None = None, *,
+                 steps: dict | None = None, cuda_iters: int = 5) -> dict:  # fmt: skip
+    """The record of one mode: ops by stage and host syncs (or the compile statistics, or the capture's), CUDA
+    timings on a GPU. `steps`, a dict, receives (step, next iteration) for timing after all modes."""
+    t = cfg.schedule.warmup_iters
     if mode == "captured":
-        return {"status": "skipped", "reason": "needs CUDA (a CUDA-graph capture of the fast step)"
-                if device.type != "cuda" else "the fast step has no CUDA-graph capture path yet"}  # fmt: skip
-    if mode == "compiled":
+        if device.type != "cuda":
+            return {"status": "skipped", "reason": CAPTURED_SKIP}
+        lines: list[str] = []
+        step = build_mode(cfg, mode, device, log=lines.append)
+        # Not kept for the CPU timing: this mode runs on CUDA only, and its replays alone moved the weights on.
+        return captured_record(step, batches[0], t, cuda_iters, lines)
+    if mode in COMPILED:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-    patched = None
-    if mode == "compiled" and compile_backend:  # nn.Module.compile of build_training takes the backend from here
-        patched, compile_ = torch.nn.Module.compile, torch.nn.Module.compile
-        torch.nn.Module.compile = lambda self, **kw: compile_(self, **{"backend": compile_backend, **kw})
-    try:
-        _, step, _ = build_training(_mode_config(cfg, mode), device)
-    finally:
-        if patched is not None:
-            torch.nn.Module.compile = patched
-    t = cfg.schedule.warmup_iters
+    step = build_mode(cfg, mode, device, compile_backend)
     rec: dict = {"status": "measured"}
-    t0 = time.perf_counter()
-    step(copy.copy(batches[0]), t)  # warm-up: gradients, AdamW state (and the compile)
-    if mode == "compiled":
-        rec["cold_step_s"] = round(time.perf_counter() - t0, 2)
-        rec["compile_backend"] = compile_backend or "inductor"
-        first = _dynamo_stats({})
-        reasons = _RecompileReasons()
-        with reasons:
-            t0 = time.perf_counter()
-            step(copy.copy(batches[1]), t + 1)
-            rec["warm_step_s"] = round(time.perf_counter() - t0, 2)
-            for i in range(2, STEPS_FOR_RECOMPILES + 1):
-                step(copy.copy(batches[i % len(batches)]), t + i)
-        later = _dynamo_stats({})
-        rec["recompile_reasons"] = reasons.messages
-        rec.update(graphs=first["graphs"], graph_breaks=later["graph_breaks"],
-                   recompiles=later["frames_compiled"] - first["frames_compiled"],
-                   recompiles_over_steps=STEPS_FOR_RECOMPILES)  # fmt: skip
-        t += STEPS_FOR_RECOMPILES
-        rec.update(_count_profiled(step, copy.copy(batches[1]), t + 1))
+    if mode in COMPILED:
+        rec.update(compile=COMPILED[mode], compile_backend=compile_backend or "inductor", caches=inductor_caches())
+        rec.update(compiled_steps(step, batches, t))
+        t += STEPS_FOR_RECOMPILES + 1
+        rec.update(profiled_ops(step, batches[1].copy(), t))
         rec["profiler_ops_total"] = rec["ops_total"]
     else:
-        rec.update(_count_eager(step, copy.copy(batches[1]), t + 1))
-        # The compiled mode's counting method on the same step, so that the modes compare like with like.
-        rec["profiler_ops_total"] = _count_profiled(step, copy.copy(batches[1]), t + 1)["ops_total"]
-        t += 1
+        step(batches[0].copy(), t)  # warm-up: gradients, AdamW state
+        rec.update(_count_eager(step, batches[1].copy(), t + 1))
+        # The compiled modes' counting method on the same step, so that the modes compare like with like.
+        prof = profiled_ops(step, batches[1].copy(), t + 2)
+        rec.update(profiler_ops_total=prof["ops_total"], top_ops=prof["top_ops"])
+        t += 2
     if device.type == "cuda":
-        rec.update(_cuda_timing(step, copy.copy(batches[1]), t + 2))
+        rec.update(cuda_timing(step, batches[1], t + 1, cuda_iters))
+    if steps is not None:
+        steps[mode] = (step, t + cuda_iters + 2)
     return rec
 
 
+def _time_in_turn(steps: dict, batches: list[dict], iters: int) -> dict[str, list[float]]:
+    """Host-clock milliseconds of `iters` steps of every mode, one step of each mode per round."""
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    for i in range(iters):
+        for mode, (step, t) in steps.items():
+            t0 = time.perf_counter()
+            step(batches[i % len(batches)].copy(), t + i)
+            times[mode].append(round((time.perf_counter() - t0) * 1e3, 1))
+    return times
+
+
+_ROWS = ("graphs", "recompiles", "recompiles_after_step_2", "cold_step_s", "warm_step_s", "ms_per_iter",
+         "kernel_launches", "host_launch_calls", "host_ms", "device_busy_ms", "replay_ms", "self_check")  # fmt: skip
+
+
 def print_table(record: dict) -> None:
-    """The modes side by side: ops per stage, host syncs, compile statistics."""
+    """The modes side by side: ops per stage, host syncs, compile statistics, timings."""
     modes = [m for m in record["modes"] if record["modes"][m]["status"] == "measured"]
-    rows = [("ops per iteration", [record["modes"][m]["ops_total"] for m in modes])]
+    recs = [record["modes"][m] for m in modes]
+    rows = [("ops per iteration", [r["ops_total"] for r in recs])]
     for s in [*STAGES, "not attributed"]:
-        rows.append((f"  {s}", [record["modes"][m]["ops_by_stage"].get(s, "") for m in modes]))
-    rows.append(("top-level aten ops (profiler)", [record["modes"][m].get("profiler_ops_total") for m in modes]))
-    rows.append(("host syncs", [record["modes"][m]["host_syncs"] for m in modes]))
-    for key in ("graphs", "recompiles", "cold_step_s", "warm_step_s", "kernel_launches", "host_ms", "device_ms"):
-        if any(key in record["modes"][m] for m in modes):
-            rows.append((key, [record["modes"][m].get(key, "") for m in modes]))
+        rows.append((f"  {s}", [r["ops_by_stage"].get(s, "") for r in recs]))
+    rows.append(("top-level aten ops (profiler)", [r.get("profiler_ops_total") for r in recs]))
+    rows.append(("host syncs", [r.get("host_syncs") for r in recs]))
+    rows += [(key, [r.get(key, "") for r in recs]) for key in _ROWS if any(key in r for r in recs)]
+    if any("warm_start" in r for r in recs):
+        rows.append(("warm start: first step s", [r.get("warm_start", {}).get("first_step_s", "") for r in recs]))
     print("| | " + " | ".join(modes) + " |\n|---|" + "---|" * len(modes))
     for name, vals in rows:
         print(f"| {name} | " + " | ".join("" if v is None else str(v) for v in vals) + " |")
@@ -321,6 +297,42 @@ def print_table(record: dict) -> None:
             print(f"{m}: graph break {n}x: {reason}")
         for reason in r.get("recompile_reasons") or []:
             print(f"{m}: recompile: {reason}")
+        ws = r.get("warm_start")
+        if ws and ws["status"] != "measured":
+            print(f"{m}: warm start {ws['status']}: {ws['reason']}")
+
+
+def summary_lines(record: dict) -> list[str]:
+    """One line per mode for a report's last lines: launches, host ms and ms per iteration, and for the compiled
+    and captured modes what decides whether they can be trusted (graph breaks, recompiles, the self-check)."""
+    out = []
+    for mode, r in record["modes"].items():
+        if r["status"] != "measured":
+            out.append(f"{mode}: {r['status']} ({r.get('reason', '')})")
+            continue
+        get = lambda key: r.get(key, "-")  # noqa: E731
+        parts = [f"launches/iter {get('kernel_launches')} (host launch calls {get('host_launch_calls')})",
+                 f"host ms/iter {get('host_ms')}", f"ms/iter {get('ms_per_iter')}",
+                 f"device busy ms {get('device_busy_ms')}", f"aten ops {get('profiler_ops_total')}"]  # fmt: skip
+        if mode in COMPILED:
+            ws = r.get("warm_start", {})
+            parts.append(f"graphs {r['graphs']}, breaks {sum(r['graph_breaks'].values())}, recompiles after step 2 "
+                         f"{r['recompiles_after_step_2']}, cold {r['cold_step_s']} s, warm start "
+                         f"{ws.get('first_step_s', ws.get('status'))} s")  # fmt: skip
+        if mode == "captured":
+            parts.append(f"self-check {r['self_check']}, replay ms {r.get('replay_ms', '-')}")
+        out.append(f"{mode}: " + "; ".join(parts))
+    return out
+
+
+def _child_argv(args, mode: str, backend: str | None) -> list[str]:
+    """This script's command line for the warm-start process of `mode`: the same config, one mode."""
+    argv = [str(Path(__file__).resolve()), "--first-step-of", mode, "--config", args.config, "--device", args.device]
+    argv += ["--set", *args.set] if args.set else []
+    argv += ["--quick"] if args.quick else []
+    argv += ["--crop", str(args.crop)] if args.crop else []
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    return argv + (["--compile-backend", backend] if backend else [])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -330,11 +342,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="MiT-b0 at 64x64 crops")
     p.add_argument("--crop", type=int, help="square crop (the op counts do not depend on it)")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
-    p.add_argument("--compile-backend", help="torch.compile backend of the compiled mode (default inductor; "
-                   "aot_eager with --quick on CPU)")
+    p.add_argument("--compile-backend", help="torch.compile backend of the compiled modes (default: inductor; "
+                   "aot_eager for compiled-full with --quick on CPU)")
+    p.add_argument("--warm-start", choices=["auto", "on", "off"], default="auto",
+                   help="time a second process's first compiled step on the cold run's cache (auto: with inductor)")
+    p.add_argument("--time-iters", type=int, default=3, help="CPU: timed steps per mode, in turn (0: none)")
+    p.add_argument("--cuda-iters", type=int, default=5, help="CUDA: timed steps per mode")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the record here")
     p.add_argument("--threads", type=int, help="torch CPU threads (on a shared host, 1 keeps the timings sane)")
+    p.add_argument("--first-step-of", choices=list(COMPILED), help=argparse.SUPPRESS)  # the warm-start process
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
@@ -345,19 +362,54 @@ def main(argv: list[str] | None = None) -> dict:
     if crop:
         overrides.append(f"data.crop=[{crop},{crop}]")
     cfg = load_config(args.config, overrides)
-    backend = args.compile_backend or ("aot_eager" if args.quick and device.type == "cpu" else None)
+
+    def backend(mode: str) -> str | None:
+        if args.compile_backend:
+            return args.compile_backend
+        return "aot_eager" if mode == "compiled-full" and args.quick and device.type == "cpu" else None
+
     batches = _synthetic_batches(cfg, device, 3)
+    if args.first_step_of:
+        mode = args.first_step_of
+        rec = first_step_record(lambda: build_mode(cfg, mode, device, backend(mode)), batches[0],
+                                cfg.schedule.warmup_iters)  # fmt: skip
+        print(FIRST_STEP_TAG + json.dumps(rec))
+        return rec
     record = {
         "command": " ".join(["python", "benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]),
         "setup": {"backbone": cfg.model.backbone, "crop": list(cfg.data.crop), "batch": cfg.data.batch_size,
-                  "mode": cfg.uda.mode, "fd": cfg.uda.fd_lambda > 0, "mic": cfg.uda.mic.mode},
+                  "mode": cfg.uda.mode, "fd": cfg.uda.fd_lambda > 0, "mic": cfg.uda.mic.mode,
+                  "torch_threads": torch.get_num_threads()},
         "environment": environment(device),
     }  # fmt: skip
-    # The compiled mode first, as in a fresh training process: the eager modes would run the kernels' one-time
-    # availability probe before it, and hide the recompile that probe causes (its global is a guard of the graph).
-    runs = {mode: None for mode in args.modes}
-    for mode in sorted(args.modes, key=lambda m: m != "compiled"):
-        runs[mode] = measure_mode(cfg, mode, batches, device, backend)
+    # The compiled modes first, as in a fresh training process: the eager modes would run the kernels' one-time
+    # availability probe before them, and hide the recompile that probe would cause (its global is a guard).
+    runs, steps = {mode: None for mode in args.modes}, {}
+    cache_env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        for mode in sorted(args.modes, key=lambda m: (m not in COMPILED, m != "compiled-regional")):
+            cache = tempfile.mkdtemp(prefix=f"overhead_{mode}_") if mode in COMPILED else None
+            if cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # a fresh folder: the first step compiles cold
+            runs[mode] = measure_mode(cfg, mode, batches, device, backend(mode), steps=steps,
+                                      cuda_iters=args.cuda_iters)  # fmt: skip
+            if cache:
+                warm = args.warm_start == "on" or (args.warm_start == "auto" and backend(mode) in (None, "inductor"))
+                runs[mode]["warm_start"] = (warm_start(_child_argv(args, mode, backend(mode)), cache) if warm else
+                                            {"status": "skipped", "reason": f"--warm-start {args.warm_start}, "
+                                             f"backend {backend(mode) or 'inductor'}: only inductor's code is cached"})
+                shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        if cache_env is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_env
+    if device.type == "cpu" and args.time_iters:
+        for mode, times in _time_in_turn(steps, batches, args.time_iters).items():
+            runs[mode].update(ms_per_iter=round(statistics.median(times), 1), ms_all=times)
+    eager = (runs.get("eager") or {}).get("profiler_ops_total")
+    for mode, r in runs.items():
+        if eager and r["status"] == "measured" and mode not in ("original", "eager"):
+            r["times_fewer_ops_than_eager"] = round(eager / r["profiler_ops_total"], 2)  # profiler counts both
     record["modes"] = runs
     record["environment"]["load_avg_1m_end"] = environment(device)["load_avg_1m"]
     print_table(record)
