@@ -60,10 +60,8 @@ def update_ema(
         raise ValueError(f"teacher has {len(teacher)} parameters but student has {len(student)}")
     if not teacher:
         return
-    # Operate on the raw storage: the teacher is never differentiated through, and the student's autograd state
-    # must not see these reads.
-    teacher = [p.detach() for p in teacher]
-    student = [p.detach() for p in student]
+    # No .detach() per tensor (2 ops per parameter, ~2,200 at MiT-B5): under no_grad neither the in-place writes
+    # nor the reads of the student are recorded by autograd.
     if weights is None:
         # An exact copy (not 0·θ_T + 1·θ_S), so an uninitialised or non-finite teacher cannot leak through.
         torch._foreach_copy_(teacher, student)
