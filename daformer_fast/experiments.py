@@ -56,7 +56,7 @@ _ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "upernet_ch256": ("upernet_ch256", True),
 }
 
-# Reference backbone names → our encoder (docs/architectures.md §9).
+# Reference backbone names → our encoder (docs/architectures.md §6).
 _BACKBONES: dict[str, str] = {
     "mitb3": "mit_b3",
     "mitb4": "mit_b4",

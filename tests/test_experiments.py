@@ -117,7 +117,7 @@ def test_paper_sets_have_no_unavailable_run(exp, capsys):
 
 
 def test_architecture_fragments_map_to_models():
-    """The name fragments of docs/architectures.md §9: decoder, decoder BN (`_nodbn`), encoder, loader augmentation."""
+    """The name fragments of docs/architectures.md §6: decoder, decoder BN (`_nodbn`), encoder, loader augmentation."""
     runs = {(r.architecture, r.backbone, r.uda): r for e in (1, 2, 3, 6, 100) for r in experiment_runs(e)}
     expect = {
         ("dlv2red", "r101v1c"): ("dlv2red", True, "resnet101_v1c"),

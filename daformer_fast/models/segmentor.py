@@ -65,7 +65,7 @@ class Segmentor(nn.Module):
 
 def build_segmentor(cfg: ModelConfig) -> Segmentor:
     """The configured encoder, neck and decoder, randomly initialised (pretrained weights: `checkpoint.load_weights`).
-    Widths and wiring per docs/architectures.md §2 and §9."""
+    Widths and wiring per docs/architectures.md §2 and §6."""
     mit_backbone = cfg.backbone.startswith("mit_")
     if mit_backbone:
         backbone: nn.Module = mit(cfg.backbone, drop_path_rate=cfg.drop_path_rate)
