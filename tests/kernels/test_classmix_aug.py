@@ -30,7 +30,7 @@ from daformer_fast.ops.classmix_aug import (  # noqa: E402
     mix_and_jitter_ref,
 )
 from daformer_fast.uda.augment import draw_strong_params, gaussian_blur_original  # noqa: E402
-from daformer_fast.uda.classmix import chosen_classes  # noqa: E402
+from daformer_fast.uda.classmix import chosen_classes, draw_class_keys  # noqa: E402
 MEAN, STD = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
 
 
@@ -44,7 +44,7 @@ def _batch(B, H, W, K, dtype=torch.float32, seed=0, ignore=True, none_chosen=Non
         gt[0, : max(1, H // 3)] = 255
     pl = torch.randint(0, K, (B, H, W), generator=g)
     pw = torch.rand(B, H, W, generator=g)
-    chosen = chosen_classes(gt, g)
+    chosen = chosen_classes(gt, draw_class_keys(gt.shape[0], g))
     if none_chosen is not None:
         chosen[none_chosen] = False
     jitter = draw_strong_params(B, g, UDAConfig()).jitter_params

@@ -24,7 +24,7 @@ from daformer_fast.config import UDAConfig  # noqa: E402
 from daformer_fast.data.pipeline import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from daformer_fast.ops.table import OPS  # noqa: E402
 from daformer_fast.uda.augment import draw_strong_params  # noqa: E402
-from daformer_fast.uda.classmix import chosen_classes  # noqa: E402
+from daformer_fast.uda.classmix import chosen_classes, draw_class_keys  # noqa: E402
 
 
 def _attention_qkv(requires_grad: bool, permuted: bool):
@@ -72,7 +72,7 @@ def _classmix(jitter: bool):
     gt, pl = (torch.randint(0, 19, (2, 3, 5), generator=g) for _ in range(2))
     gt[0, :1] = 255
     pw = torch.rand(2, 3, 5, generator=g)
-    chosen = chosen_classes(gt, g)
+    chosen = chosen_classes(gt, draw_class_keys(gt.shape[0], g))
     params = draw_strong_params(2, g, UDAConfig()).jitter_params
     factors = torch.stack(params[:4], 1) if jitter else None
     order = params.order_B4.to(torch.int32) if jitter else None
