@@ -17,6 +17,10 @@ From the same state, seed and batch the two give the same losses and weights (te
 Randomness: every draw of iteration t comes from (seed, rank, t) — a CPU generator for ClassMix and the strong
 augmentation, and the global torch RNG (DropPath, Dropout2d) reseeded at the start of the step — so a resumed run
 repeats an uninterrupted one and ranks differ.
+
+An iteration is a host part, `prepare` (learning rates, reseeding, every draw as `StepDraws`), and on the fast path a
+device part, `body`, which reads only device tensors and branches on nothing drawn, so `daformer_fast.graphs` can
+capture it in a CUDA graph and replay it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train DAFormer (or a baseline) from a YAML config.
 
     python -m daformer_fast.train configs/demo.yaml
-    python -m daformer_fast.train configs/gta2cs.yaml --set train.precision=bf16 train.compile=true
+    python -m daformer_fast.train configs/gta2cs.yaml --set train.precision=bf16 train.cuda_graphs=true
     python -m daformer_fast.train configs/gta2cs.yaml --resume auto
     torchrun --standalone --nproc_per_node=4 -m daformer_fast.train configs/gta2cs.yaml
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
