@@ -55,8 +55,9 @@ def compile_regions(net: nn.Module) -> list[nn.Module]:
     feature model): every MiT block (its two residual branches) and patch embedding, every CNN bottleneck, and the
     decode head. Modules of one class share their code object, so dynamo compiles one graph per distinct (shape,
     autograd, train/eval) and the other blocks, the teacher and the ImageNet copy reuse it (parameters are graph
-    inputs), where compiling the network whole unrolls MiT-B5's 52 blocks into one graph. Shapes stay static (`dynamic=False`): one graph per
-    stage, as CUDA-graph capture and inductor's kernel choice want. Returns the compiled modules."""
+    inputs), where compiling the network whole unrolls MiT-B5's 52 blocks into one graph. Shapes stay static
+    (`dynamic=False`): one graph per stage, as CUDA-graph capture and inductor's kernel choice want. Returns the
+    compiled modules."""
     units = [m for m in net.modules() if isinstance(m, Block | OverlapPatchEmbed)]
     for enc in (m for m in net.modules() if isinstance(m, CNNEncoder)):
         units += [blk for stage in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for blk in stage]
