@@ -20,8 +20,9 @@ regional's about 2 minutes at MiT-B5: benchmarks/results/README.md); DropPath st
 step does. `--compile full` measures the other; the entry's `setting.compile` says which one ran. The +CUDA graphs
 rung warms up for at least the capture's self-check (`graphs.CHECK_ITERS` checked iterations and one replay), so
 its timed steps are replays; `cuda_graphs` in its entry says whether the check passed (a failed one falls back to
-eager steps, which the entry then times). Every measured entry states the fp32 matmul and convolution precision its steps ran under (`fp32_precision`, set per step from the rung's
-`train.precision`: interleaved rungs share one process).
+eager steps, which the entry then times). Every measured entry states the fp32 matmul and convolution precision its
+steps ran under (`fp32_precision`, set per step from the rung's `train.precision`: interleaved rungs share one
+process).
 
 +MIC (beside the ladder, `record["mic"]`): the last measured rung with Masked Image Consistency on
 (`uda.mic.mode=separatetrgaug` with DAFormer's teacher, as the reference MIC(DAFormer); cells of 32·crop/512
