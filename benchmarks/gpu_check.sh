@@ -62,7 +62,8 @@ fi
 
 if [[ $DRY == 1 ]]; then
     # Plumbing only: collect the tests, run the benchmarks at toy sizes on the CPU.
-    part tests 60 python -m pytest -q --collect-only tests/kernels tests/test_train_step.py tests/test_step_sync.py
+    part tests 60 python -m pytest -q --collect-only tests/kernels tests/test_train_step.py tests/test_step_sync.py \
+        tests/test_graphs.py
     TOY=(--device cpu --iters 1 --warmup 1 --skip +compile --set model.backbone=mit_b0 "data.crop=[64,64]")
     part throughput-eager 120 python benchmarks/throughput.py "${TOY[@]}" --json "$RES/throughput_eager.json"
     part kernels 30 python benchmarks/kernels.py --csv "$RES/kernels.csv"
@@ -78,8 +79,8 @@ if [[ $DRY == 1 ]]; then
         --compile-backend aot_eager --warm-start on --json "$RES/overhead_compiled.json"
 else
     # 3. Kernel tests, the fast-vs-original parity tests and the sync-free step test, on the GPU.
-    part tests 150 python -m pytest -q -x tests/kernels tests/test_train_step.py tests/test_step_sync.py \
-        -p no:cacheprovider
+    part tests 180 python -m pytest -q -x tests/kernels tests/test_train_step.py tests/test_step_sync.py \
+        tests/test_graphs.py -p no:cacheprovider
     # 4. The ladder without compilation first: minutes of inductor time cannot then cost the eager numbers. Its
     #    +CUDA graphs rung is the fast step replayed from one CUDA graph (warm-up covers the capture's self-check);
     #    its +MIC line (the last rung with MIC on) is the eager cost of MIC; the full ladder's comes last in step 9.

@@ -228,3 +228,29 @@ def test_ddp_capture_reduces_gradients_like_ddp(torchrun_check):
     """Under DDP (2 CPU processes) the captured form — the plain student, gradients averaged by hand between the
     graphs — equals the DDP-wrapped eager step bit for bit on every rank (tests/ddp_graphs_check.py)."""
     torchrun_check("ddp_graphs_check.py")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("mic", [False, True], ids=["daformer", "mic"])
+def test_cuda_capture_equals_eager(mic):
+    """On a GPU: the real capture passes its own first-use check and then replays iterations that match the eager
+    step's losses and weights (fp32, TF32 off) over the run."""
+    logs = []
+
+    def run(wrap):
+        torch.manual_seed(0)
+        student, step, _ = build_training(_cfg(mic=mic), "cuda")
+        stepper = wrap(step)
+        outs = [{k: v.float().cpu() for k, v in stepper(b, t).items()} for t, b in zip(TS, BATCHES)]
+        return student, stepper, outs
+
+    eager = run(lambda s: s)
+    captured = run(lambda s: CapturedStep(s, logs.append))
+    assert captured[1].disabled is None, logs
+    assert captured[1].replays == len(TS) - 1
+    for a, b in zip(eager[2], captured[2], strict=True):
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    for (n, p), q in zip(eager[0].state_dict().items(), captured[0].state_dict().values(), strict=True):
+        if p.is_floating_point():
+            assert float((p - q).abs().max()) <= 1e-5 * float(p.abs().max()) + 1e-6, n
