@@ -1,4 +1,4 @@
-"""DeepLabV2, DeepLabV3+, UPerNet and the SegFormer-adapter neck against the spec: parameter counts, the official
+"""DeepLabV2, DeepLabV3+, UPerNet and the SegFormer-adapter neck against docs/architectures.md: parameter counts, the official
 key lists and shapes (strict loading), a plain functional re-statement of each forward, output strides, init."""
 
 import copy
@@ -21,7 +21,7 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-# ---- the official key lists, written from the spec (prefix `decode_head.`; each entry is a conv "site") ----------
+# ---- the official key lists, written from docs/architectures.md (prefix `decode_head.`; each entry is a conv "site") ----------
 
 
 def _dlv3p_sites(cin: int, c1_in: int) -> dict[str, tuple[int, ...]]:
@@ -91,7 +91,7 @@ def dlv2red():
     return DLV2Head(R101, K)
 
 
-def test_param_counts_match_spec(dlv2red, dlv3p_nodbn, uper512):
+def test_param_counts_match_the_original(dlv2red, dlv3p_nodbn, uper512):
     assert n_params(dlv2red) == 700_454
     assert n_params(DLV2Head(R101, K, dilations=(6, 12, 18, 24))) == 1_400_908
     assert n_params(dlv3p_nodbn) == 17_686_563
@@ -202,7 +202,7 @@ def up(x, size):
 
 
 def cm(x, m, train, *, pad=0, dil=1, groups=1, relu=True):
-    """ConvModule as the spec states it: conv → BN (when there is one) → ReLU."""
+    """ConvModule as docs/architectures.md §0 states it: conv → BN (when there is one) → ReLU."""
     y = F.conv2d(x, m.conv.weight, m.conv.bias, padding=pad, dilation=dil, groups=groups)
     if hasattr(m, "bn"):
         b = m.bn

@@ -1,4 +1,4 @@
-"""MiT + heads against the spec's key table, parameter counts, shapes, init, param groups, attention switch."""
+"""MiT + heads against the original's key table, parameter counts, shapes, init, param groups, attention switch."""
 
 import re
 
