@@ -58,6 +58,9 @@ CHECK_ITERS = 2
 """Captured iterations compared with eager ones before the graph is trusted."""
 WARMUP_ITERS = 3
 """Eager iterations on a side stream before the capture (allocator, cuDNN/cuBLAS handles, compiled code)."""
+# The loaders keep working while the step is captured (the torch loader's pin-memory thread allocates pinned host
+# memory, DALI's threads run their own CUDA work): "global" capture mode would make those threads' calls fail.
+_CAPTURE_MODE = "thread_local"
 
 
 def _copy_into(static, new) -> None:
@@ -259,7 +262,7 @@ class CapturedStep:
         step.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
         if not self.ddp:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=_CAPTURE_MODE):
                 out = body(inputs, draws)
             return graph.replay, out
         # DDP: graph A (EMA, passes, backward, the gradient flatten), the all-reduce, graph B (copy back, update);
@@ -271,12 +274,12 @@ class CapturedStep:
         def split(flat):
             graph_a.capture_end()
             dist.all_reduce(flat)  # collective with the other ranks' capture; the data is not used
-            graph_b.capture_begin(pool=graph_a.pool())
+            graph_b.capture_begin(pool=graph_a.pool(), capture_error_mode=_CAPTURE_MODE)
 
         self.split = split
         try:
             with torch.cuda.stream(capture_stream):
-                graph_a.capture_begin()
+                graph_a.capture_begin(capture_error_mode=_CAPTURE_MODE)
                 out = body(inputs, draws)
                 graph_b.capture_end()
         finally:
