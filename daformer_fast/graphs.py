@@ -176,13 +176,21 @@ class CapturedStep:
         step = self.step
         expected, after = self._eager_reference(batch, t)
         before = self.fallback_state
-        for group in step.optimizer.param_groups:  # the fused AdamW must not read its step count on the host
+        for group in step.optimizer.param_groups:  # the optimizer's capture health check asks for it
             group["capturable"] = True
         self.static_inputs = {k: v.clone() for k, v in inputs.items()}
         self.static_draws = _static(draws.on_device(step.device))
         self.signature = signature
-        self.replay, self.static_out = self.capture(self._body, self.static_inputs, self.static_draws,
-                                                    lambda: step.prepare(t, *self._shape()))  # fmt: skip
+        failure = None
+        try:
+            self.replay, self.static_out = self.capture(self._body, self.static_inputs, self.static_draws,
+                                                        lambda: step.prepare(t, *self._shape()))  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (re-raised below, once the ranks agree)
+            failure = e
+        if self.ddp and not self._all_ranks(failure is None):
+            failure = failure or RuntimeError("another rank's capture failed")
+        if failure is not None:
+            raise failure
         before.restore()  # the warm-up iterations moved the weights
         step.prepare(t, *self._shape())  # reseed and learning rates of iteration t again
         return self._compare(self._replay(inputs, draws), expected, after, batch, t)
@@ -194,11 +202,9 @@ class CapturedStep:
 
     def _compare(self, got, expected, after: StateSnapshot, batch, t):
         problem = compare_outputs(got, expected, tolerances(self.step.bf16)) or after.compare(self.step)
-        if self.ddp:  # every rank keeps or drops the graph together (their collectives must pair up)
-            failed = torch.tensor([problem is not None], dtype=torch.float32, device=self.step.device)
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-            if failed.item() and problem is None:
-                problem = "another rank's captured iteration differs from its eager one"
+        if self.ddp and not self._all_ranks(problem is None) and problem is None:
+            # every rank keeps or drops the graph together (their collectives must pair up)
+            problem = "another rank's captured iteration differs from its eager one"
         if problem:
             after.restore()
             return self._give_up(f"the captured iteration {t} differs from the eager one: {problem}", None, t,
@@ -208,6 +214,12 @@ class CapturedStep:
         if self.checked == self.check_iters:
             self.log(f"CUDA graphs on: {self.check_iters} captured iterations equal the eager ones; replaying")
         return got
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (one all-reduce; a host read, during the first-use check only)."""
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.step.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() == 0.0
 
     def _give_up(self, reason: str, batch, t, out=None):
         self.disabled = reason
@@ -252,12 +264,14 @@ class CapturedStep:
         step = self.step
         side = torch.cuda.Stream(step.device)
         side.wait_stream(torch.cuda.current_stream(step.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_ITERS):
-                prepare()
-                step.optimizer.zero_grad(set_to_none=True)
-                body(inputs, draws)
-        torch.cuda.current_stream(step.device).wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_ITERS):
+                    prepare()
+                    step.optimizer.zero_grad(set_to_none=True)
+                    body(inputs, draws)
+        finally:  # also when a warm-up fails: the state restore that follows must not race the side stream
+            torch.cuda.current_stream(step.device).wait_stream(side)
         prepare()
         step.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
         if not self.ddp:
@@ -271,19 +285,33 @@ class CapturedStep:
         capture_stream = torch.cuda.Stream(step.device)
         torch.cuda.synchronize(step.device)
 
-        def split(flat):
+        open_graph = []  # the graph being captured, to end it if the capture fails
+
+        def split(flat):  # no collective here: a replay runs the all-reduce between the two graphs
             graph_a.capture_end()
-            dist.all_reduce(flat)  # collective with the other ranks' capture; the data is not used
+            open_graph[:] = [graph_b]
             graph_b.capture_begin(pool=graph_a.pool(), capture_error_mode=_CAPTURE_MODE)
 
         self.split = split
+        # DDP holds every parameter's gradient accumulator, made on the default stream; autograd refuses such a stale
+        # stream in a capture unless told to use the capturing one (process-wide, so only for this capture).
+        torch.autograd.graph.set_override_stale_capture_stream(True)
         try:
             with torch.cuda.stream(capture_stream):
+                open_graph[:] = [graph_a]
                 graph_a.capture_begin(capture_error_mode=_CAPTURE_MODE)
                 out = body(inputs, draws)
+                open_graph.clear()
                 graph_b.capture_end()
+        except BaseException:
+            for graph in open_graph:  # a stream left capturing would fail every later CUDA call of this thread
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+            raise
         finally:
             self.split = None
+            torch.autograd.graph.set_override_stale_capture_stream(False)
+            torch.cuda.current_stream(step.device).wait_stream(capture_stream)
 
         def replay():
             graph_a.replay()

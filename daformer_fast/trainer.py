@@ -131,7 +131,9 @@ class Trainer(contextlib.ExitStack):
             self.monitor.update(batch)
             out = self.step(batch, t, debug=self._debug_due(t))
             if "debug" in out:
-                self._save_debug(t, out.pop("debug"))
+                panels = out.pop("debug")
+                if self.d.main:
+                    self._save_debug(t, panels)
             self.guard.update(out["skipped"])
             self.logs.add(out, wait)
             t_done = t + 1
@@ -156,8 +158,10 @@ class Trainer(contextlib.ExitStack):
     # -------------------------------------------------------------------------------------------------------------
 
     def _debug_due(self, t: int) -> bool:
+        # The same answer on every rank (rank 0 alone draws): a captured step runs debug iterations eagerly, and
+        # under DDP the ranks' gradient all-reduces must be the same kind of step to pair up.
         every = self.cfg.uda.debug_img_interval
-        return self.d.main and self.cfg.uda.mode == "dacs" and every > 0 and t % every == 0
+        return self.cfg.uda.mode == "dacs" and every > 0 and t % every == 0
 
     def _save_debug(self, t: int, panels: dict) -> None:
         """Debug grids outside the step (docs/recipe.md §2.9); a drawing problem never stops training."""

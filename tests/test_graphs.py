@@ -116,8 +116,9 @@ def test_replayed_body_equals_the_fast_step(plain):
 
 
 def test_mismatch_falls_back_to_the_eager_iteration(plain):
-    """A replay that computes something else (here: a perturbed weight) is caught by the first check: one logged
-    reason, the eager iteration's state restored, eager from then on — the run equals the eager run exactly."""
+    """A replay that computes something else (here: a weight moved by more than an update could) is caught by the
+    first check: one logged reason, the eager iteration's state restored, eager from then on — the run equals the
+    eager run exactly."""
     mic, reference = plain
     logs = []
 
@@ -126,7 +127,7 @@ def test_mismatch_falls_back_to_the_eager_iteration(plain):
 
         def corrupt(out):
             with torch.no_grad():
-                head_bias.add_(1e-3)
+                head_bias.add_(1e-2)
 
         return CapturedStep(step, logs.append, capture=eager_replay_capture(step, corrupt))
 
@@ -234,7 +235,9 @@ def test_ddp_capture_reduces_gradients_like_ddp(torchrun_check):
 @pytest.mark.parametrize("mic", [False, True], ids=["daformer", "mic"])
 def test_cuda_capture_equals_eager(mic):
     """On a GPU: the real capture passes its own first-use check and then replays iterations that match the eager
-    step's losses and weights (fp32, TF32 off) over the run."""
+    step's losses and weights (fp32, TF32 off) over the run; weights within the self-check's slack per iteration
+    (AdamW moves a weight by about lr·sign(g), which the GPU's non-deterministic backward kernels can flip where a
+    gradient is near zero)."""
     logs = []
 
     def run(wrap):
@@ -250,7 +253,41 @@ def test_cuda_capture_equals_eager(mic):
     assert captured[1].replays == len(TS) - 1
     for a, b in zip(eager[2], captured[2], strict=True):
         for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    slack = 2 * len(TS) * max(float(g["lr"]) for g in captured[1].optimizer.param_groups)
     for (n, p), q in zip(eager[0].state_dict().items(), captured[0].state_dict().values(), strict=True):
         if p.is_floating_point():
-            assert float((p - q).abs().max()) <= 1e-5 * float(p.abs().max()) + 1e-6, n
+            assert float((p - q).abs().max()) <= 1e-5 * float(p.abs().max()) + slack, n
+
+
+def test_gradient_errors_show_in_the_optimizer_moments(plain):
+    """A replay whose gradients are wrong (here: doubled) moves AdamW's weights by about the same lr·sign(g), within
+    the weights' slack, but not its first moment: the check catches it there."""
+    mic, reference = plain
+    logs = []
+
+    def wrap(step):
+        def double_grads():
+            for g in step.optimizer.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(2)
+
+        def capture(body, inputs, draws, prepare):
+            out = {}
+
+            def replay():
+                step.optimizer.zero_grad(set_to_none=True)
+                step.grad_sync = double_grads
+                try:
+                    out.update(body(inputs, draws))
+                finally:
+                    step.grad_sync = None
+
+            return replay, out
+
+        return CapturedStep(step, logs.append, capture=capture)
+
+    run = _run(wrap, _cfg(mic=mic))
+    _assert_same(run, reference)
+    assert len(logs) == 1 and "optimizer state exp_avg" in logs[0], logs

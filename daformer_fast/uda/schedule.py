@@ -6,8 +6,8 @@
 
 Two quirks of the original are kept on purpose: the warmup factor multiplies the already-decayed poly value (not lr0),
 and min_lr is not clipped to lr0, so the `poly10` ablation (min_lr 1e-4 > backbone lr 6e-5) gives a *rising*
-backbone lr. The lr is evaluated per param group from its `initial_lr` (see `models.segmentor.param_groups`) and
-is a host float: setting it costs no device work.
+backbone lr. The lr is evaluated on the host per param group from its `initial_lr` (see
+`models.segmentor.param_groups`); a fused optimizer reads it from a device tensor that `set_lrs` fills in place.
 """
 
 from __future__ import annotations
