@@ -18,13 +18,14 @@ graph). Gradients live in the graph's memory pool (one graph, one pool). The out
 them across replays. Warm-up iterations run on a side stream before the capture, as capture requires; the fused
 AdamW is switched to `capturable` first.
 
-First-use self-check: no GPU is available where this was written, so nothing here is trusted until it has shown it
-computes what the eager step computes. For the first `CHECK_ITERS` captured iterations, the state (parameters,
-buffers, optimizer state) is snapshotted, the eager step runs, the state is restored, the graph replays the same
-iteration, and losses and every parameter must agree within the parity tolerance of the precision. A mismatch, a
-capture error or any exception logs one reason and falls back to eager for good, with the eager iteration's state
-restored — a run never stops because of this module. `KernelCheck` applies the same check to the forced Triton
-kernels (`kernels.impl: triton`) against the plain-PyTorch references.
+First-use self-check: nothing here is trusted until it has shown, on the machine it runs on, that it computes what
+the eager step computes. For the first `CHECK_ITERS` captured iterations, the state (parameters, buffers,
+optimizer state) is snapshotted, the eager step runs, the state is restored, the graph replays the same iteration,
+and the losses, every parameter, buffer and optimizer moment must agree within the parity tolerance of the
+precision (`selfcheck.StateSnapshot.compare`: weights with a slack of two learning rates, the moments without). A
+mismatch, a capture error or any exception logs one reason and falls back to eager for good, with the eager
+iteration's state restored — a run never stops because of this module. `KernelCheck` applies the same check to the
+forced Triton kernels (`kernels.impl: triton`) against `kernels.impl: auto`.
 
 Iterations that stay eager: t = 0 (the teacher becomes a copy, a different update), debug iterations (the panels
 are not graph outputs), and any batch whose shapes differ from the captured ones.
@@ -324,7 +325,7 @@ class CapturedStep:
 class KernelCheck:
     """`kernels.impl: triton` checked at first use: the first iteration runs on the validated ops (`auto`: each op's
     PyTorch path unless a GPU benchmark enabled its kernel) and again, from the same state, with the forced kernels;
-    if losses or weights differ beyond the parity tolerance (or a kernel raises), one logged reason and `auto` from
+    if losses or state differ beyond the self-check's tolerance (or a kernel raises), one logged reason and `auto` from
     then on."""
 
     def __init__(self, step, log_fn: Callable[[str], None] | None = None) -> None:
