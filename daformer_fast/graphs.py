@@ -139,7 +139,8 @@ class CapturedStep:
         step = self.step
         if self.disabled or debug or t == 0:
             return step(batch, t, debug)
-        inputs = step.inputs(batch)
+        # After the capture the batch goes straight into the static inputs (one copy); before it, to the device.
+        inputs = step.inputs(batch) if self.static_inputs is None else {k: batch[k] for k in self.static_inputs}
         draws = step.prepare(t, inputs["img"].shape[0], tuple(inputs["img"].shape[-2:]))
         signature = (_structure(inputs), _structure(draws))
         if self.replay is not None and signature != self.signature:
@@ -157,8 +158,8 @@ class CapturedStep:
             return self._give_up(f"{type(e).__name__}: {e}", batch, t)
 
     def _replay(self, inputs, draws: StepDraws) -> dict[str, torch.Tensor]:
-        _copy_into(tuple(self.static_inputs[k] for k in sorted(self.static_inputs)),
-                   tuple(inputs[k] for k in sorted(self.static_inputs)))  # fmt: skip
+        for k, static in self.static_inputs.items():
+            static.copy_(inputs[k], non_blocking=True)
         _copy_into(self.static_draws, draws.on_device(self.step.device))
         self.replay()
         self.replays += 1

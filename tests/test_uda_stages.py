@@ -34,7 +34,6 @@ from daformer_fast.uda.augment import (
     draw_strong_params,
     gaussian_blur_original,
     strong_on_device,
-    strong_transform_original,
 )
 from daformer_fast.uda.classmix import chosen_classes, class_masks_original, draw_class_keys
 from daformer_fast.uda.ema import ema_weight, ema_weights, update_ema
@@ -401,6 +400,12 @@ def test_gaussian_blur_vs_kornia():
 
 # ---------------------------------------------------------------------------------------------------------------
 # The whole strong transform: the fast step's ops and the original's per-sample order
+
+
+def strong_transform_original(x, mean, std, generator, cfg):
+    """The original path's strong augmentation of an already mixed batch: the step's draws, then the per-sample
+    ops in the original's order (`apply_strong(..., original=True)`)."""
+    return apply_strong(x, mean, std, draw_strong_params(x.shape[0], generator, cfg), original=True)
 
 
 def strong_transform(x, mean, std, generator, cfg):

@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from daformer_fast.models.deeplab import init_decode_head
-from daformer_fast.models.heads import ConvModule
+from daformer_fast.models.heads import ConvModule, init_decode_head
 from daformer_fast.ops.attention import attention_ref, attention_sdpa
 from daformer_fast.ops.dispatch import default_impl
 

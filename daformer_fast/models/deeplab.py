@@ -19,22 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from daformer_fast.models.heads import ConvModule, DepthwiseSeparableConvModule, init_conv_modules
+from daformer_fast.models.heads import ConvModule, DepthwiseSeparableConvModule, init_decode_head, resize
 
-__all__ = ["DLV2Head", "DepthwiseSeparableASPPHead", "SegFormerAdapter", "init_decode_head", "resize"]
-
-
-def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize with align_corners=False, the only resize these models use (docs/architectures.md §0)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def init_decode_head(head: nn.Module) -> None:
-    """The original's decode-head init: ConvModules Kaiming fan_out, bias 0, BN 1/0 (docs/architectures.md §0); the
-    classifier `head.conv_seg` N(0, 0.01²), bias 0 (§2.2)."""
-    init_conv_modules(head)
-    nn.init.normal_(head.conv_seg.weight, 0.0, 0.01)
-    nn.init.zeros_(head.conv_seg.bias)
+__all__ = ["DLV2Head", "DepthwiseSeparableASPPHead", "SegFormerAdapter"]
 
 
 class DLV2Head(nn.Module):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from daformer_fast.ops.depthwise import depthwise_conv2d
 
-__all__ = ["ConvModule", "DAFormerHead", "DepthwiseSeparableConvModule", "SegFormerHead", "init_conv_modules"]
+__all__ = ["ConvModule", "DAFormerHead", "DepthwiseSeparableConvModule", "SegFormerHead", "init_conv_modules",
+           "init_decode_head", "resize"]
 
 
 class ConvModule(nn.Module):
@@ -123,6 +124,19 @@ def init_conv_modules(module: nn.Module) -> None:
                 nn.init.zeros_(m.bn.bias)
 
 
+def resize(x: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with align_corners=False, the only resize these models use (docs/architectures.md §0)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def init_decode_head(head: nn.Module) -> None:
+    """The original's decode-head init: ConvModules Kaiming fan_out, bias 0, BN 1/0 (docs/architectures.md §0); the
+    classifier `head.conv_seg` N(0, 0.01²), bias 0 (§2.2)."""
+    init_conv_modules(head)
+    nn.init.normal_(head.conv_seg.weight, 0.0, 0.01)
+    nn.init.zeros_(head.conv_seg.bias)
+
+
 class DAFormerHead(nn.Module):
     """The DAFormer head and its Table-7 fusion variants (docs/architectures.md §2.8): each level embedded to
     `channels` (a Linear `proj`), levels whose size differs from F1's upsampled to it, concatenated [e1..e4] and
@@ -174,9 +188,7 @@ class DAFormerHead(nn.Module):
     def init_weights(self) -> None:
         # Embedding Linear layers (and the context-at-F4 bare conv) keep PyTorch's default init, as the original;
         # the classifier is N(0, 0.01).
-        init_conv_modules(self)
-        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        init_decode_head(self)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         size = feats[0].shape[-2:]
@@ -184,7 +196,7 @@ class DAFormerHead(nn.Module):
         for i, (x, embed) in enumerate(zip(feats, self.embed_layers)):
             e = embed(x)
             if i > 0 and e.shape[-2:] != size:
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+                e = resize(e, size)
             embeds.append(e)
         x = self.fuse_layer(torch.cat(embeds, dim=1))
         return self.conv_seg(self.dropout(x))
@@ -214,9 +226,7 @@ class SegFormerHead(nn.Module):
 
     def init_weights(self) -> None:
         # The dead conv_seg gets the N(0, 0.01) override; the live linear_pred keeps PyTorch's default.
-        init_conv_modules(self)
-        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
-        nn.init.zeros_(self.conv_seg.bias)
+        init_decode_head(self)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         size = feats[0].shape[-2:]
@@ -224,6 +234,6 @@ class SegFormerHead(nn.Module):
         for i, x in enumerate(feats):  # ascending: [c1, c2, c3, c4]
             e = self.linear_c[str(i)](x)
             if e.shape[-2:] != size:  # the original resizes every level but the first; same-size resize is exact
-                e = F.interpolate(e, size=size, mode="bilinear", align_corners=False)
+                e = resize(e, size)
             embeds.append(e)
         return self.linear_pred(self.dropout(self.linear_fuse(torch.cat(embeds, dim=1))))

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from daformer_fast.models.deeplab import init_decode_head, resize
-from daformer_fast.models.heads import ConvModule
+from daformer_fast.models.heads import ConvModule, init_decode_head, resize
 
 __all__ = ["UPerHead"]
 

@@ -38,7 +38,7 @@ from daformer_fast.ops.classmix_aug import gaussian_blur
 from daformer_fast.utils import to_device
 
 __all__ = ["StrongParams", "apply_strong", "color_jitter_original", "draw_strong_params", "gaussian_blur_original",
-           "strong_on_device", "strong_transform_original"]  # fmt: skip
+           "strong_on_device"]  # fmt: skip
 
 
 class StrongParams(NamedTuple):
@@ -120,21 +120,6 @@ def gaussian_blur_original(img_B3HW: torch.Tensor, sigma_B: torch.Tensor) -> tor
         x = F.pad(img_B3HW[i : i + 1], (kx // 2, kx // 2, ky // 2, ky // 2), mode="reflect")
         out.append(F.conv2d(x, k2d.to(x.dtype).expand(C, 1, ky, kx), groups=C))
     return torch.cat(out)
-
-
-def strong_transform_original(
-    mixed_norm_B3HW: torch.Tensor,
-    mean: Sequence[float] | torch.Tensor,
-    std: Sequence[float] | torch.Tensor,
-    generator: torch.Generator,
-    cfg: UDAConfig,
-) -> torch.Tensor:
-    """Colour jitter (p = 1 − color_jitter_probability) then blur (p = 0.5 if cfg.blur) of a mixed, normalised
-    batch, one sample at a time like the original; mean/std are the 0–255 RGB normalisation statistics. Draws
-    `draw_strong_params` from `generator`, as the fast step does. Returns the input itself when both switches are
-    off."""
-    params = draw_strong_params(mixed_norm_B3HW.shape[0], generator, cfg)
-    return apply_strong(mixed_norm_B3HW, mean, std, params, original=True)
 
 
 def apply_strong(
