@@ -13,7 +13,8 @@ elsewhere with the reason in the record). Every mode runs one warm-up step first
 Eager modes (`original`, `eager`): a `TorchDispatchMode` counts every op that reaches the dispatcher below autograd
 (what a GPU turns into kernel launches, give or take fusions inside an op) and attributes it to a stage, and the
 host-read rule of `HostReadDetector` lists the step's host syncs with their call sites. The stage rule, in order:
-1. an op issued while autograd runs a backward (`torch._C._current_autograd_node()` is set) is `backward`;
+1. an op issued while autograd runs a backward (`torch._C._current_autograd_node()` is set) is `backward`, and
+   so is the step's `_backward` adding a pass's gradients into the held ones;
 2. otherwise the Python stack is walked from the innermost frame outwards and the first frame that matches decides:
    a frame whose `self` is one of the step's networks (student or its DDP wrapper, EMA teacher, MIC teacher,
    ImageNet encoder) gives that network's forward; a frame in `uda/losses.py`, `uda/fdist.py` or
@@ -144,6 +145,8 @@ def stage_of(frame, networks: dict[int, str]) -> str:
         path = frame.f_code.co_filename.replace("\\", "/")
         if "daformer_fast/step.py" in path and frame.f_code.co_name == "_optimizer_step":
             return "optimizer+ema"
+        if "daformer_fast/step.py" in path and frame.f_code.co_name == "_backward":
+            return "backward"  # the sum of a backward pass's gradients into the held ones
         for suffixes, stage in _FILE_STAGES:
             if any(s in path for s in suffixes):
                 return stage

@@ -13,11 +13,10 @@ or `full` with `--compile full`) → +sync-free batched step (`train.path=fast`)
 with the reason, and the rungs below it go on without its change. "original" in the JSON is the first rung, "fast"
 the last one measured.
 
-+compile compiles `regional` by default: each MiT block's two residual branches, patch embedding and the decode
-head once per distinct shape (`daformer_fast.build.compile_regions`), 26 graphs at any MiT depth, where `full`
-unrolls MiT-B5's 52 blocks in each network it compiles (inductor's CPU compile of `full` took 887 s at MiT-b0,
-regional's about 2 minutes at MiT-B5: benchmarks/results/README.md); DropPath stays eager, drawing as the eager
-step does. `--compile full` measures the other; the entry's `setting.compile` says which one ran. The +CUDA graphs
++compile compiles `regional` by default: each MiT block (its DropPath factors drawn outside, as inputs), patch
+embedding and the decode head once per distinct shape (`daformer_fast.build.compile_regions`), the same number of
+graphs at any MiT depth, where `full` unrolls MiT-B5's 52 blocks in each network it compiles (inductor's CPU compile
+of `full` took 887 s at MiT-b0, regional's a few minutes at MiT-B5: benchmarks/results/README.md). `--compile full` measures the other; the entry's `setting.compile` says which one ran. The +CUDA graphs
 rung warms up for at least the capture's self-check (`graphs.CHECK_ITERS` checked iterations and one replay), so
 its timed steps are replays; `cuda_graphs` in its entry says whether the check passed (a failed one falls back to
 eager steps, which the entry then times). Every measured entry states the fp32 matmul and convolution precision its

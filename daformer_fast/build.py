@@ -52,7 +52,8 @@ _REGIONAL_RECOMPILE_LIMIT = 64
 
 def compile_regions(net: nn.Module) -> list[nn.Module]:
     """`train.compile: regional`: compile, in place, each repeated unit of `net` (a Segmentor, or the ImageNet
-    feature model): every MiT block (its two residual branches) and patch embedding, every CNN bottleneck, and the
+    feature model): every MiT block (its DropPath factors are inputs, `MixVisionTransformer.drop_factors`, so the
+    blocks' different drop rates are not constants of the graph) and patch embedding, every CNN bottleneck, and the
     decode head. Modules of one class share their code object, so dynamo compiles one graph per distinct (shape,
     autograd, train/eval) and the other blocks, the teacher and the ImageNet copy reuse it (parameters are graph
     inputs), where compiling the network whole unrolls MiT-B5's 52 blocks into one graph. Shapes stay static
@@ -65,14 +66,7 @@ def compile_regions(net: nn.Module) -> list[nn.Module]:
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _REGIONAL_RECOMPILE_LIMIT)
     for unit in units:
-        if isinstance(unit, Block):
-            # Its two residual branches, not the block: the DropPath between them has a drop rate of its own in
-            # every block, on which a graph holding it would be specialised (a recompile per block, past the limit
-            # at MiT-B5). DropPath and the residual sums stay eager.
-            unit.attn_branch = torch.compile(unit.attn_branch, dynamic=False)
-            unit.mlp_branch = torch.compile(unit.mlp_branch, dynamic=False)
-        else:
-            unit.compile(dynamic=False)
+        unit.compile(dynamic=False)
     return units
 
 

@@ -91,6 +91,11 @@ def _dev(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if x is None else to_device(x, device)
 
 
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` lays its elements out as the dense `b` (strides of size-1 dimensions do not matter)."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(b.shape, a.stride(), b.stride(), strict=True))
+
+
 class StepDraws(NamedTuple):
     """Every value of iteration t besides its batch and the networks' state: drawn or computed on the host before
     the step's device part runs (`UDAStep.prepare`, CPU tensors), then moved there whole (`on_device`). None where
@@ -165,6 +170,7 @@ class UDAStep:
         classes = uda.fd_classes
         self.fd_classes = None if classes is None else torch.tensor(list(classes), dtype=torch.int64, device=device)
         self.bf16 = train.precision == "bf16"
+        self.grad_params = [p for p in student.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------------------------------------------------
     # Pieces shared by both paths.
@@ -253,11 +259,39 @@ class UDAStep:
             loss_mic = seg_ce_loss(self.student_fwd(masked), labels, weights)
         if mic.lambda_ != 1:  # as the original: a weight of 1 is never multiplied in
             loss_mic = mic.lambda_ * loss_mic
-        loss_mic.backward()
+        self._backward(loss_mic)
         if debug is not None:
             debug.update(mic_img=masked, mic_keep=keep[:, 0], mic_label=labels,
                          mic_weight=weights if weights is not None else torch.ones_like(keep[:, 0]))  # fmt: skip
         return loss_mic.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Add d loss / d student to the student's gradients.
+
+        Autograd accumulates each parameter's gradient with an op of its own (a detach to keep a new gradient, an
+        add to sum into one): ~2,200 ops per iteration at MiT-B5's 1,086 parameter tensors, a third of what is left
+        once the networks are compiled (benchmarks/results/README.md). The fast step instead takes the gradients
+        as one list (`torch.autograd.grad`) and sums them into the held ones in one multi-tensor add; the sums are
+        the same, in the same order. DDP's reducer hooks on autograd's own accumulation, and the original path
+        accumulates as the original, so those two keep `loss.backward()`.
+        """
+        if self.original or self.student_fwd is not self.student:
+            loss.backward()
+            return
+        params = self.grad_params
+        new = torch.autograd.grad(loss, params, allow_unused=True)
+        held, add = [], []
+        for p, g in zip(params, new, strict=True):
+            if g is None:
+                continue
+            if p.grad is None:
+                # Autograd's layout rule for a kept gradient: the parameter's strides (for the fused optimizer).
+                p.grad = g if _same_layout(g, p) else torch.empty_like(p).copy_(g)
+            else:
+                held.append(p.grad)
+                add.append(g)
+        if held:
+            torch._foreach_add_(held, add)
 
     def _optimizer_step(self, loss_total: torch.Tensor) -> torch.Tensor:
         """Apply the update unless a loss or gradient is non-finite; returns 1.0 if skipped, else 0.0.
@@ -308,7 +342,7 @@ class UDAStep:
         img = normalize(inputs["img"], inputs.get("valid_hw"), host_check=False)
         with self._autocast():
             loss_src = seg_ce_loss(self.student_fwd(img), inputs["gt"])
-        loss_src.backward()
+        self._backward(loss_src)
         return {"loss_src": loss_src.detach(), "skipped": self._optimizer_step(loss_src)}
 
     def _dacs_body(self, inputs: dict[str, torch.Tensor], d: StepDraws, debug: bool) -> dict[str, torch.Tensor]:
@@ -323,7 +357,7 @@ class UDAStep:
             logits_src, feats = self.student_fwd(img, with_features=True)
             loss_src = seg_ce_loss(logits_src, gt)
             loss_fd, fd_mask = self._feature_distance(img, feats[-1], gt) if self.imnet else (img.new_zeros(()), None)
-            (loss_src + loss_fd).backward()
+            self._backward(loss_src + loss_fd)
 
         # Target: teacher pseudo-labels, ClassMix with the source, strong augmentation; weighted loss.
         with self._autocast():
@@ -378,7 +412,7 @@ class UDAStep:
         with self.no_sync() if self.mic else contextlib.nullcontext():
             with self._autocast():
                 loss_mix = seg_ce_loss(self.student_fwd(mixed_img), mixed_lbl, mixed_w)
-            loss_mix.backward()
+            self._backward(loss_mix)
         panels = dict(img=img, target_img=tgt, gt=gt, pseudo_label=pl, mixed_img=mixed_img, mix_mask=mask,
                       mixed_label=mixed_lbl, pseudo_weight=mixed_w, fd_mask=fd_mask) if debug else None  # fmt: skip
         loss_mic = self._mic_pass(d, img, gt, tgt, pl, pw, panels) if self.mic else None

