@@ -35,7 +35,9 @@ student and averages the gradients itself: graph A holds the EMA, the passes, th
 all gradients (each divided by the world size, as DDP's default hook does), the all-reduce of that one buffer runs
 between two replays, and graph B copies it back and updates. DDP is built without buffer broadcasts (as the
 original's distributed runs), so nothing else crosses ranks inside an iteration. The self-check compares with the
-DDP-wrapped eager step, and the ranks keep or drop the graph together.
+DDP-wrapped eager step, and the ranks keep or drop the graph together. The warm-up iterations (thrown away) and the
+capture run no collective, so a failure of either on one rank cannot leave the others waiting in an all-reduce: the
+first collective every rank reaches after them is the vote on whether all captures succeeded.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ class CapturedStep:
         self.ddp = step.student_fwd is not step.student
         self.flat_grads: torch.Tensor | None = None
         self.split: Callable[[torch.Tensor], None] | None = None  # set while capturing: ends graph A, begins B
+        # Set during the warm-up iterations, whose results are thrown away: no all-reduce, so that a warm-up
+        # failing on one rank leaves no collective of the others waiting for it (the ranks then agree on the
+        # failure in `_all_ranks`, the first collective every rank reaches).
+        self.local_grads = False
         if capture is None:
             if step.device.type != "cuda":
                 self.disabled = "train.cuda_graphs needs a CUDA device"
@@ -257,9 +263,23 @@ class CapturedStep:
         if self.split is not None:
             self.flat_grads = flat
             self.split(flat)
-        else:
+        elif not self.local_grads:
             dist.all_reduce(flat)
         torch._foreach_copy_(grads, torch._utils._unflatten_dense_tensors(flat, grads))
+
+    def warm_up(self, body, inputs, draws, prepare, stream: torch.cuda.Stream | None = None) -> None:
+        """`WARMUP_ITERS` iterations of `body` before a capture, on `stream` when given (a capture wants them off
+        the default stream); thrown away by the caller, which restores the state, so without the gradient
+        all-reduce (`local_grads`)."""
+        self.local_grads = True
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for _ in range(WARMUP_ITERS):
+                    prepare()
+                    self.step.optimizer.zero_grad(set_to_none=True)
+                    body(inputs, draws)
+        finally:
+            self.local_grads = False
 
     def _cuda_capture(self, body, inputs, draws, prepare):
         """Warm up on a side stream, capture `body(inputs, draws)` into one graph; (replay, static outputs)."""
@@ -267,11 +287,7 @@ class CapturedStep:
         side = torch.cuda.Stream(step.device)
         side.wait_stream(torch.cuda.current_stream(step.device))
         try:
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_ITERS):
-                    prepare()
-                    step.optimizer.zero_grad(set_to_none=True)
-                    body(inputs, draws)
+            self.warm_up(body, inputs, draws, prepare, side)
         finally:  # also when a warm-up fails: the state restore that follows must not race the side stream
             torch.cuda.current_stream(step.device).wait_stream(side)
         prepare()
