@@ -6,7 +6,8 @@ augmentation, ImageNet feature distance and rare-class-sampled source batches, c
 
 Two paths compute the same thing (`train.path`):
 - `fast`: batched stages, no host synchronisation inside the step, the source CE and FD backward fused into one
-  (author-endorsed, docs/recipe.md §8b), ClassMix with colour jitter in one op and the blur in another
+  (author-endorsed, docs/recipe.md §8b), each backward pass's gradients summed into the held ones in one
+  multi-tensor op (`_backward`), ClassMix with colour jitter in one op and the blur in another
   (`ops.classmix_aug`), fused AdamW whose update is skipped on the device when a gradient is non-finite.
 - `original`: the original's order — per-sample ClassMix and augmentation loops, three separate backward passes,
   the pseudo-label weight read back to the host, the for-loop AdamW — with plain-PyTorch ops throughout.
