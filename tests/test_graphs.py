@@ -115,6 +115,20 @@ def test_replayed_body_equals_the_fast_step(plain):
     assert logs == [f"CUDA graphs on: {CHECK_ITERS} captured iterations equal the eager ones; replaying"]
 
 
+@pytest.mark.slow
+def test_replayed_body_equals_the_fast_step_with_regional_compile(monkeypatch):
+    """`train.compile: regional` under the stand-in (aot_eager backend: dynamo and AOT autograd without code
+    generation, so the test compiles in seconds): the compiled body, DropPath factors as block inputs, replayed on
+    its static tensors, passes the self-check and equals the compiled eager step exactly."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: compile_(*a, **{"backend": "aot_eager", **kw}))
+    cfg = _cfg(compile="regional")
+    reference = _run(lambda s: s, cfg)
+    run = _run(lambda s: CapturedStep(s, capture=eager_replay_capture(s)), cfg)
+    _assert_same(run, reference)
+    assert run[1].disabled is None and run[1].checked == CHECK_ITERS and run[1].replays == len(TS) - 1
+
+
 def test_mismatch_falls_back_to_the_eager_iteration(plain):
     """A replay that computes something else (here: a weight moved by more than an update could) is caught by the
     first check: one logged reason, the eager iteration's state restored, eager from then on — the run equals the
