@@ -270,8 +270,8 @@ class UDAStep:
         """Add d loss / d student to the student's gradients.
 
         Autograd accumulates each parameter's gradient with an op of its own (a detach to keep a new gradient, an
-        add to sum into one): ~2,200 ops per iteration at MiT-B5's 1,086 parameter tensors, a third of what is left
-        once the networks are compiled (benchmarks/results/README.md). The fast step instead takes the gradients
+        add to sum into one): ~2,200 ops per iteration at MiT-B5's 1,086 parameter tensors, over a quarter of what
+        was left with the networks compiled (benchmarks/results/README.md). The fast step instead takes the gradients
         as one list (`torch.autograd.grad`) and sums them into the held ones in one multi-tensor add; the sums are
         the same, in the same order. DDP's reducer hooks on autograd's own accumulation, and the original path
         accumulates as the original, so those two keep `loss.backward()`.
@@ -281,13 +281,17 @@ class UDAStep:
             return
         params = self.grad_params
         new = torch.autograd.grad(loss, params, allow_unused=True)
-        held, add = [], []
+        held, add, kept = [], [], set()
         for p, g in zip(params, new, strict=True):
             if g is None:
                 continue
             if p.grad is None:
-                # Autograd's layout rule for a kept gradient: the parameter's strides (for the fused optimizer).
-                p.grad = g if _same_layout(g, p) else torch.empty_like(p).copy_(g)
+                # Kept as it is, as autograd keeps a gradient, unless another parameter already keeps the same
+                # memory (the backward of `w1 + w2` hands both one tensor; later sums would then add twice) or it
+                # breaks autograd's layout rule, the parameter's strides, which the fused optimizer relies on.
+                keep = _same_layout(g, p) and (g.numel() == 0 or g.data_ptr() not in kept)
+                p.grad = g if keep else torch.empty_like(p).copy_(g)
+                kept.add(p.grad.data_ptr())
             else:
                 held.append(p.grad)
                 add.append(g)

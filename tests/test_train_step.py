@@ -114,6 +114,29 @@ def test_gradient_sums_equal_autograd_accumulation(base_model):
         assert all(n == 1 or sa == sp for n, sa, sp in zip(a.shape, a.grad.stride(), a.stride())), name
 
 
+def test_gradient_sums_keep_no_tensor_twice():
+    """The backward of w1 + w2 hands both parameters one tensor: kept twice, the next pass would add its gradient
+    into that memory twice. Each parameter must end with its own gradient, equal to autograd's accumulation."""
+    from types import SimpleNamespace
+
+    from daformer_fast.step import UDAStep
+
+    x = torch.randn(3)
+    sums = {}
+    for how in ("listed", "autograd"):
+        torch.manual_seed(0)
+        w1, w2 = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+        net = torch.nn.Module()
+        stub = SimpleNamespace(original=how == "autograd", student=net, student_fwd=net, grad_params=[w1, w2])
+        for scale in (1.0, 2.0):  # two backward passes
+            UDAStep._backward(stub, (scale * x * (w1 + w2)).sum())
+        sums[how] = (w1.grad, w2.grad)
+    (a1, a2), (b1, b2) = sums["listed"], sums["autograd"]
+    assert a1.data_ptr() != a2.data_ptr()
+    torch.testing.assert_close(a1, 3 * x, rtol=0, atol=0)
+    assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
 def test_fast_with_auto_ops_close_to_original(base_model):
     """The live fast step (`kernels.impl: auto`: SDPA attention, whose online softmax sums in another order) against
     the original path with the materialising attention."""
