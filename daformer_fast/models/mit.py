@@ -207,6 +207,7 @@ class MixVisionTransformer(nn.Module):
 
     @property
     def blocks(self) -> list[Block]:
+        """All blocks of the four stages, in forward order (the order of `drop_keep`)."""
         return [blk for i in range(1, 5) for blk in getattr(self, f"block{i}")]
 
     def forward(self, x_B3HW: torch.Tensor) -> list[torch.Tensor]:
