@@ -38,6 +38,14 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 import pytest  # noqa: E402
 
 
+def gradient_difference(ref: torch.nn.Module, other: torch.nn.Module) -> float:
+    """‖g_other − g_ref‖ / ‖g_ref‖ over all parameter gradients of two same-shaped networks taken as one vector: the
+    parity tests' comparison where tiny input differences make single tensors' gradients differ more."""
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    g_other = torch.cat([p.grad.flatten() for p in other.parameters()])
+    return float((g_other - g_ref).norm() / g_ref.norm())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ from daformer_fast.models import MIT_SIZES, build_segmentor, mit, param_groups
 from daformer_fast.models.mit import MixFFN, _feature_shapes, from_segformer_mit
 from daformer_fast.ops import attention, attention_ref
 from daformer_fast.ops.dispatch import using_impl
+from daformer_fast.step import _teacher_inference_mode
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +204,8 @@ def test_drop_path_factors_train_and_eval():
     enc.eval()
     assert all(f is None for f in enc.drop_factors(4))
     enc.train()
-    for blk in enc.blocks:  # what the teachers do: DropPath off, the rest in training mode
-        blk.drop_path.training = False
-    assert all(f is None for f in enc.drop_factors(4))
+    _teacher_inference_mode(enc)  # what the teachers get: DropPath off, the rest in training mode
+    assert enc.training and all(f is None for f in enc.drop_factors(4))
 
 
 def test_block_applies_drop_factors():

@@ -13,6 +13,7 @@ from daformer_fast.config import parse_config
 from daformer_fast.models import build_segmentor
 from daformer_fast.build import build_training
 from daformer_fast.step import step_seed
+from conftest import gradient_difference  # tests/ is on sys.path under pytest (no __init__.py)
 
 B, H, W = 2, 64, 64
 DEVICE = torch.device(os.environ.get("DAFORMER_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
@@ -84,9 +85,7 @@ def test_fast_equals_original(base_model, t, colour):
         # of a tensor's largest gradient at t = 0 (an AVX2 CPU; with the same mixed image, 1e-6 as above), so the
         # whole gradient is compared here; a wrong jitter factor or blur σ is orders of magnitude above the bound.
         torch.testing.assert_close(mixed_fast, mixed_ref, rtol=0, atol=1e-6)
-        g_ref = torch.cat([p.grad.flatten() for p in ref.student.parameters()])
-        g_fast = torch.cat([p.grad.flatten() for p in fast.student.parameters()])
-        assert float((g_fast - g_ref).norm() / g_ref.norm()) <= 2e-3
+        assert gradient_difference(ref.student, fast.student) <= 2e-3
     # Weights: 1e-5 relative, plus 2% of one lr step. Adam's first update is lr·g/(|g| + eps), so the ~1e-10
     # rounding differences of gradients near zero move a weight by up to ~1% of lr (a property of Adam, the same
     # between two runs of the reference with another summation order); with the colour ops' larger gradient
@@ -148,9 +147,7 @@ def test_fast_with_auto_ops_close_to_original(base_model):
     # that into gradient differences whose size depends on the CPU's kernels (up to ~1e-2 of a tensor's largest
     # gradient on an AVX2 machine, below 1e-4 on an AVX-512 one), so the whole gradient is compared: a missing or
     # mis-scaled term is orders of magnitude above this bound.
-    g_ref = torch.cat([p.grad.flatten() for p in ref.student.parameters()])
-    g_fast = torch.cat([p.grad.flatten() for p in fast.student.parameters()])
-    rel = float((g_fast - g_ref).norm() / g_ref.norm())
+    rel = gradient_difference(ref.student, fast.student)
     assert rel <= 1e-3, rel
 
 
